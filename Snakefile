@@ -1,0 +1,25 @@
+# The study "The Missing Piece: A Case for Pre-Training in 3D Medical Object Detection" as one DAG.
+# Thin entry point: rules live in workflow/rules/, logic in the pretrain_det3d package.
+from snakemake.utils import min_version, validate
+
+min_version("8.20")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True

@@ -1,0 +1,42 @@
+"""Names the configuration may use, and the module that registers each one.
+
+The workflow validates a config before it builds the DAG. Importing torch and MONAI for that would cost
+seconds on every dry run, so the names live here, torch-free, and each entry says which module registers the
+class. ``tests/test_catalog.py`` imports every module and checks that the registries and this catalog agree,
+so a new detector or method is one registered class plus one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+#: detector name -> module whose import registers it in ``models.registry.DETECTORS``
+DETECTOR_MODULES: dict[str, str] = {
+    "retina_unet": "pretrain_det3d.models.retina_unet",
+}
+
+#: pre-training method name -> module whose import registers it in ``pretraining.METHODS``
+PRETRAINING_MODULES: dict[str, str] = {
+    "mae": "pretrain_det3d.pretraining.mae",
+}
+
+#: backbone preset names registered in ``models.backbone.BACKBONE_PRESETS``
+BACKBONE_PRESETS: tuple[str, ...] = ("resenc_l", "resenc_small", "resenc_demo")
+
+#: dataset sources the data stage knows how to obtain
+DATASET_SOURCES: tuple[str, ...] = ("synthetic",)
+
+#: the initialisation that needs no pre-training
+SCRATCH = "scratch"
+
+
+def import_detector(name: str) -> None:
+    """Import the module that registers detector ``name`` (a no-op for unknown names)."""
+    if name in DETECTOR_MODULES:
+        importlib.import_module(DETECTOR_MODULES[name])
+
+
+def import_pretraining_method(name: str) -> None:
+    """Import the module that registers pre-training method ``name`` (a no-op for unknown names)."""
+    if name in PRETRAINING_MODULES:
+        importlib.import_module(PRETRAINING_MODULES[name])

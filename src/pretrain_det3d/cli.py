@@ -1,0 +1,220 @@
+"""Command line: ``python -m pretrain_det3d <verb> ...``, one verb per kind of workflow rule.
+
+Every Snakemake rule calls one verb; the verbs only parse arguments and call the package, so each step can
+also be run by hand. Settings arrive as one JSON object (``--settings '{"iterations": 100}'``).
+
+Example:
+    python -m pretrain_det3d synthesize-dataset --out /tmp/demo --name demo --settings '{"num_cases": 4}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("pretrain_det3d")
+
+
+def _settings(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"--settings is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--settings must be a JSON object")
+    return value
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _validation_cases(splits_path: Path, fold: int) -> list[str]:
+    splits = json.loads(Path(splits_path).read_text())
+    if not 0 <= fold < len(splits):
+        raise ValueError(f"{splits_path}: fold {fold} does not exist (the file holds {len(splits)} folds)")
+    return list(splits[fold]["val"])
+
+
+def cmd_synthesize_dataset(args: argparse.Namespace) -> None:
+    from pretrain_det3d.data.synthetic import write_synthetic_dataset
+
+    write_synthetic_dataset(args.out, args.name, args.settings, args.seed)
+
+
+def cmd_synthesize_corpus(args: argparse.Namespace) -> None:
+    from pretrain_det3d.data.synthetic import write_synthetic_corpus
+
+    write_synthetic_corpus(args.out, args.settings, args.seed)
+
+
+def cmd_check_dataset(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from pretrain_det3d.data.dataset_format import check_converted_dataset
+    from pretrain_det3d.utils.atomic import write_json
+
+    summary = check_converted_dataset(args.root)
+    record = dataclasses.asdict(summary) if dataclasses.is_dataclass(summary) else dict(summary)
+    write_json(args.out, json.loads(json.dumps(record, default=str)))
+    print(f"{args.root}: ok")
+
+
+def cmd_preprocess(args: argparse.Namespace) -> None:
+    from pretrain_det3d.data.preprocessing import run_preprocessing
+
+    run_preprocessing(args.converted, args.out, args.num_folds, args.seed, args.settings)
+
+
+def cmd_preprocess_corpus(args: argparse.Namespace) -> None:
+    from pretrain_det3d.data.preprocessing import preprocess_corpus
+
+    preprocess_corpus(args.corpus, args.out, args.settings)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from pretrain_det3d.pretraining import run_pretraining
+
+    _set_threads(args.threads)
+    run_pretraining(args.corpus, args.method, {"threads": args.threads, **args.settings}, args.out, args.seed)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from pretrain_det3d.training.finetune import run_finetuning
+
+    _set_threads(args.threads)
+    settings = {"threads": args.threads, **args.settings}
+    run_finetuning(args.preprocessed, args.fold, args.detector, settings, args.init, args.out_dir, args.seed)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from pretrain_det3d.inference.predict import run_prediction
+
+    _set_threads(args.threads)
+    cases = _validation_cases(Path(args.preprocessed) / "splits.json", args.fold)
+    run_prediction(args.model, args.preprocessed, cases, args.out_dir, args.settings)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from pretrain_det3d.evaluation import run_evaluation
+
+    cases = _validation_cases(args.splits, args.fold)
+    run_evaluation(args.predictions, args.converted, cases, args.out_json, args.out_csv)
+
+
+def cmd_aggregate(args: argparse.Namespace) -> None:
+    from pretrain_det3d.analysis.aggregate import run_aggregation
+
+    runs = json.loads(args.runs)
+    metric_files = [(r["arch"], r["init"], r["dataset"], int(r["fold"]), r["path"]) for r in runs]
+    run_aggregation(metric_files, args.out_csv, args.out_md, runs_csv=args.runs_csv)
+
+
+def cmd_plot_ap_by_init(args: argparse.Namespace) -> None:
+    from pretrain_det3d.analysis.figures import plot_ap_by_init
+
+    plot_ap_by_init(args.runs_csv, args.out_png, args.out_pdf)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pretrain_det3d", description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    def verb(name: str, func: Callable[[argparse.Namespace], None], help_text: str) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(func=func)
+        return sub
+
+    p = verb("synthesize-dataset", cmd_synthesize_dataset, "write a synthetic labelled dataset (converted format)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--settings", type=_settings, default={})
+    p.add_argument("--seed", type=int, default=0)
+
+    p = verb("synthesize-corpus", cmd_synthesize_corpus, "write an unlabelled synthetic pre-training corpus")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--settings", type=_settings, default={})
+    p.add_argument("--seed", type=int, default=0)
+
+    p = verb("check-dataset", cmd_check_dataset, "check a dataset in the converted format")
+    p.add_argument("--root", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = verb("preprocess", cmd_preprocess, "plan and preprocess a converted dataset, write splits")
+    p.add_argument("--converted", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--num-folds", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--settings", type=_settings, default={})
+
+    p = verb("preprocess-corpus", cmd_preprocess_corpus, "preprocess an unlabelled corpus for pre-training")
+    p.add_argument("--corpus", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--settings", type=_settings, default={})
+
+    p = verb("pretrain", cmd_pretrain, "pre-train the backbone with one method")
+    p.add_argument("--corpus", type=Path, required=True, help="preprocessed corpus folder")
+    p.add_argument("--method", required=True)
+    p.add_argument("--settings", type=_settings, default={})
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+
+    p = verb("finetune", cmd_finetune, "fine-tune a detector on one fold")
+    p.add_argument("--preprocessed", type=Path, required=True)
+    p.add_argument("--fold", type=int, required=True)
+    p.add_argument("--detector", required=True)
+    p.add_argument("--settings", type=_settings, default={})
+    p.add_argument("--init", default=None, help="pre-training checkpoint (nnssl schema); none = scratch")
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+
+    p = verb("predict", cmd_predict, "predict boxes for the validation cases of a fold")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--preprocessed", type=Path, required=True)
+    p.add_argument("--fold", type=int, required=True)
+    p.add_argument("--settings", type=_settings, default={})
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=None)
+
+    p = verb("evaluate", cmd_evaluate, "compute nnDetection's metrics for a fold")
+    p.add_argument("--predictions", type=Path, required=True)
+    p.add_argument("--converted", type=Path, required=True)
+    p.add_argument("--splits", type=Path, required=True)
+    p.add_argument("--fold", type=int, required=True)
+    p.add_argument("--out-json", type=Path, required=True)
+    p.add_argument("--out-csv", type=Path, required=True)
+
+    p = verb("aggregate", cmd_aggregate, "aggregate per-fold metrics into the main results table")
+    p.add_argument("--runs", required=True, help="JSON list of {arch, init, dataset, fold, path}")
+    p.add_argument("--out-csv", type=Path, required=True)
+    p.add_argument("--out-md", type=Path, required=True)
+    p.add_argument("--runs-csv", type=Path, required=True)
+
+    p = verb("plot-ap-by-init", cmd_plot_ap_by_init, "plot AP@0.1 per dataset and initialisation")
+    p.add_argument("--runs-csv", type=Path, required=True)
+    p.add_argument("--out-png", type=Path, required=True)
+    p.add_argument("--out-pdf", type=Path, required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except Exception as error:  # one clear line at the end of the log, the traceback above it
+        traceback.print_exc()
+        print(f"pretrain_det3d {args.verb}: error: {error}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,113 @@
+"""Checks of a study configuration that a JSON schema cannot express, and settings resolution.
+
+The schema (``workflow/schemas/config.schema.yaml``) fixes types and required keys; this module checks that the
+names the study refers to exist (datasets, initialisations, detectors, backbone presets) and merges the
+per-stage settings that the rules hand to the package. It imports no torch, so a dry run stays fast.
+
+Example:
+    >>> cfg = {"backbone": "resenc_demo", "study": {"datasets": ["d"], "detectors": ["retina_unet"],
+    ...        "initialisations": ["scratch"], "folds": [0], "num_folds": 2},
+    ...        "datasets": {"d": {"source": "synthetic"}}, "detectors": {"retina_unet": {}},
+    ...        "pretraining": {"methods": {}}}
+    >>> validate_config(cfg)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pretrain_det3d import catalog
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the config key."""
+
+
+def _known(names) -> str:
+    return ", ".join(sorted(names)) or "none"
+
+
+def detector_class_name(config: dict[str, Any], arch: str) -> str:
+    """The registered detector behind config entry ``detectors.<arch>`` (``detector:`` or the key itself)."""
+    return str(config["detectors"][arch].get("detector", arch))
+
+
+def method_class_name(config: dict[str, Any], init: str) -> str:
+    """The registered pre-training method behind ``pretraining.methods.<init>`` (``method:`` or the key)."""
+    return str(config["pretraining"]["methods"][init].get("method", init))
+
+
+def validate_config(config: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` naming the first config key that refers to something unknown."""
+    study = config["study"]
+    datasets = config.get("datasets", {})
+    for i, name in enumerate(study["datasets"]):
+        if name not in datasets:
+            raise ConfigError(
+                f"config key 'study.datasets[{i}]': unknown dataset {name!r}; defined under 'datasets': {_known(datasets)}"
+            )
+    for name, entry in datasets.items():
+        source = entry.get("source")
+        if source not in catalog.DATASET_SOURCES:
+            raise ConfigError(
+                f"config key 'datasets.{name}.source': unknown source {source!r}; known: {_known(catalog.DATASET_SOURCES)}"
+            )
+
+    detectors = config.get("detectors", {})
+    for i, arch in enumerate(study["detectors"]):
+        if arch not in detectors:
+            raise ConfigError(
+                f"config key 'study.detectors[{i}]': unknown detector {arch!r}; defined under 'detectors': {_known(detectors)}"
+            )
+        cls = detector_class_name(config, arch)
+        if cls not in catalog.DETECTOR_MODULES:
+            raise ConfigError(
+                f"config key 'detectors.{arch}': no registered detector {cls!r}; registered: {_known(catalog.DETECTOR_MODULES)}"
+            )
+
+    methods = config.get("pretraining", {}).get("methods", {})
+    for i, init in enumerate(study["initialisations"]):
+        if init == catalog.SCRATCH:
+            continue
+        if init not in methods:
+            raise ConfigError(
+                f"config key 'study.initialisations[{i}]': unknown initialisation {init!r}; "
+                f"use 'scratch' or a method defined under 'pretraining.methods': {_known(methods)}"
+            )
+    for init in methods:
+        cls = method_class_name(config, init)
+        if cls not in catalog.PRETRAINING_MODULES:
+            raise ConfigError(
+                f"config key 'pretraining.methods.{init}': no registered pre-training method {cls!r}; "
+                f"registered: {_known(catalog.PRETRAINING_MODULES)}"
+            )
+
+    backbone = config.get("backbone")
+    if backbone not in catalog.BACKBONE_PRESETS:
+        raise ConfigError(f"config key 'backbone': unknown preset {backbone!r}; known: {_known(catalog.BACKBONE_PRESETS)}")
+
+    num_folds = int(study["num_folds"])
+    for i, fold in enumerate(study["folds"]):
+        if not 0 <= int(fold) < num_folds:
+            raise ConfigError(f"config key 'study.folds[{i}]': fold {fold} is outside 0..{num_folds - 1} (study.num_folds)")
+
+
+def pretraining_settings(config: dict[str, Any], init: str) -> dict[str, Any]:
+    """Settings handed to ``pretraining.run_pretraining`` for initialisation ``init``."""
+    entry = dict(config["pretraining"]["methods"][init])
+    entry.pop("method", None)
+    return {"preset": config["backbone"], **entry}
+
+
+def finetuning_settings(config: dict[str, Any], arch: str) -> dict[str, Any]:
+    """Settings handed to ``training.finetune.run_finetuning`` for detector entry ``arch``."""
+    entry = dict(config["detectors"][arch])
+    entry.pop("detector", None)
+    return {"preset": config["backbone"], **entry}
+
+
+def inference_settings(config: dict[str, Any], arch: str) -> dict[str, Any]:
+    """Settings handed to ``inference.predict.run_prediction``: global inference knobs plus the patch size."""
+    settings = dict(config.get("inference", {}))
+    settings.setdefault("patch_size", config["detectors"][arch]["patch_size"])
+    return settings

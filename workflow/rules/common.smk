@@ -1,0 +1,90 @@
+# Config helpers, targets and wildcard constraints shared by every rule file.
+import json
+import sys
+from pathlib import Path
+
+import os
+
+# Rules run `python -m pretrain_det3d`; the workflow's own source is importable in every job (local, conda or
+# SLURM, where the Snakefile is parsed again), so a job always runs the code of this checkout.
+_SRC = str(Path(workflow.basedir) / "src")
+sys.path.insert(0, _SRC)
+os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p))
+
+from pretrain_det3d.config import (
+    ConfigError,
+    finetuning_settings,
+    inference_settings,
+    pretraining_settings,
+    validate_config,
+)
+
+try:
+    validate_config(config)
+except ConfigError as error:
+    raise WorkflowError(f"invalid configuration: {error}") from None
+
+STUDY = config["study"]
+DATA = config.get("data_dir", "results/data")
+CORPUS = config["pretraining"]["corpus"]["name"]
+CONDA_ENV = "../../envs/pretrain_det3d.yaml"
+SCRATCH = "scratch"
+
+
+wildcard_constraints:
+    dataset="[A-Za-z0-9_.-]+",
+    arch="[A-Za-z0-9_]+",
+    init="[A-Za-z0-9_.-]+",
+    method="[A-Za-z0-9_.-]+",
+    fold=r"\d+",
+
+
+def as_json(obj):
+    """Settings travel to the package as one JSON argument (quoted with :q in shell commands)."""
+    return json.dumps(obj, sort_keys=True)
+
+
+def rule_threads(rule_name):
+    resources = config.get("resources", {})
+    return int(resources.get(rule_name, {}).get("threads", resources.get("default", {}).get("threads", 1)))
+
+
+def rule_resources(rule_name):
+    """Memory and runtime per rule from config 'resources' (GPU requests come from the profile)."""
+    defaults = {"mem_mb": 4000, "runtime": 60}
+    resources = config.get("resources", {})
+    merged = {**defaults, **resources.get("default", {}), **resources.get(rule_name, {})}
+    merged.pop("threads", None)
+    return merged
+
+
+def init_checkpoint(wildcards):
+    """Fine-tuning input: the pre-training checkpoint of the initialisation, nothing for scratch."""
+    if wildcards.init == SCRATCH:
+        return []
+    return f"results/pretrain/{wildcards.init}/checkpoint_final.pth"
+
+
+def fold_metric_files():
+    return expand(
+        "results/metrics/{arch}/{init}/{dataset}/fold{fold}.json",
+        arch=STUDY["detectors"],
+        init=STUDY["initialisations"],
+        dataset=STUDY["datasets"],
+        fold=STUDY["folds"],
+    )
+
+
+def final_outputs():
+    return [
+        "results/tables/main_results.csv",
+        "results/tables/main_results.md",
+        "results/figures/ap_by_init.png",
+        "results/figures/ap_by_init.pdf",
+    ]
+
+
+def parse_metric_path(path):
+    """(arch, init, dataset, fold) of results/metrics/{arch}/{init}/{dataset}/fold{fold}.json."""
+    parts = Path(path).parts
+    return parts[-4], parts[-3], parts[-2], int(parts[-1].removeprefix("fold").removesuffix(".json"))

@@ -1,0 +1,107 @@
+# Data stage: obtain each dataset in the converted format, check it, preprocess it; same for the corpus.
+
+
+rule synthesize_dataset:
+    output:
+        directory(f"{DATA}/converted/{{dataset}}"),
+    params:
+        settings=lambda w: as_json(config["datasets"][w.dataset].get("synthetic", {})),
+        seed=lambda w: config["datasets"][w.dataset].get("seed", config["seed"]),
+    log:
+        "results/logs/synthesize_dataset/{dataset}.log",
+    benchmark:
+        "results/benchmarks/synthesize_dataset/{dataset}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("synthesize_dataset")
+    resources:
+        **rule_resources("synthesize_dataset"),
+    shell:
+        "python -m pretrain_det3d synthesize-dataset --out {output} --name {wildcards.dataset} "
+        "--settings {params.settings:q} --seed {params.seed} > {log} 2>&1"
+
+
+rule check_dataset:
+    input:
+        f"{DATA}/converted/{{dataset}}",
+    output:
+        f"{DATA}/checks/{{dataset}}.json",
+    log:
+        "results/logs/check_dataset/{dataset}.log",
+    benchmark:
+        "results/benchmarks/check_dataset/{dataset}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("check_dataset")
+    resources:
+        **rule_resources("check_dataset"),
+    shell:
+        "python -m pretrain_det3d check-dataset --root {input} --out {output} > {log} 2>&1"
+
+
+rule preprocess_dataset:
+    input:
+        converted=f"{DATA}/converted/{{dataset}}",
+        check=f"{DATA}/checks/{{dataset}}.json",
+    output:
+        plan=f"{DATA}/preprocessed/{{dataset}}/plan.json",
+        splits=f"{DATA}/preprocessed/{{dataset}}/splits.json",
+        cases=directory(f"{DATA}/preprocessed/{{dataset}}/cases"),
+    params:
+        out=lambda w, output: str(Path(output.plan).parent),
+        settings=lambda w: as_json(config["datasets"][w.dataset].get("preprocessing", {})),
+        num_folds=STUDY["num_folds"],
+        seed=config["seed"],
+    log:
+        "results/logs/preprocess_dataset/{dataset}.log",
+    benchmark:
+        "results/benchmarks/preprocess_dataset/{dataset}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("preprocess_dataset")
+    resources:
+        **rule_resources("preprocess_dataset"),
+    shell:
+        "python -m pretrain_det3d preprocess --converted {input.converted} --out {params.out} --num-folds {params.num_folds} "
+        "--seed {params.seed} --settings {params.settings:q} > {log} 2>&1"
+
+
+rule synthesize_corpus:
+    output:
+        directory(f"{DATA}/corpus/{{corpus}}"),
+    params:
+        settings=lambda w: as_json(config["pretraining"]["corpus"].get("synthetic", {})),
+        seed=config["pretraining"]["corpus"].get("seed", config["seed"] + 1000),
+    log:
+        "results/logs/synthesize_corpus/{corpus}.log",
+    benchmark:
+        "results/benchmarks/synthesize_corpus/{corpus}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("synthesize_corpus")
+    resources:
+        **rule_resources("synthesize_corpus"),
+    shell:
+        "python -m pretrain_det3d synthesize-corpus --out {output} --settings {params.settings:q} --seed {params.seed} > {log} 2>&1"
+
+
+rule preprocess_corpus:
+    input:
+        f"{DATA}/corpus/{{corpus}}",
+    output:
+        plan=f"{DATA}/preprocessed_corpus/{{corpus}}/plan.json",
+        cases=directory(f"{DATA}/preprocessed_corpus/{{corpus}}/cases"),
+    params:
+        out=lambda w, output: str(Path(output.plan).parent),
+        settings=as_json(config["pretraining"]["corpus"].get("preprocessing", {})),
+    log:
+        "results/logs/preprocess_corpus/{corpus}.log",
+    benchmark:
+        "results/benchmarks/preprocess_corpus/{corpus}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("preprocess_corpus")
+    resources:
+        **rule_resources("preprocess_corpus"),
+    shell:
+        "python -m pretrain_det3d preprocess-corpus --corpus {input} --out {params.out} --settings {params.settings:q} > {log} 2>&1"

@@ -1,0 +1,23 @@
+# Evaluation stage: nnDetection's metrics per fold, from the predictions against the converted labels.
+
+
+rule evaluate:
+    input:
+        predictions="results/predictions/{arch}/{init}/{dataset}/fold{fold}",
+        splits=f"{DATA}/preprocessed/{{dataset}}/splits.json",
+        converted=f"{DATA}/converted/{{dataset}}",
+    output:
+        metrics="results/metrics/{arch}/{init}/{dataset}/fold{fold}.json",
+        cases="results/metrics/{arch}/{init}/{dataset}/fold{fold}_cases.csv",
+    log:
+        "results/logs/evaluate/{arch}/{init}/{dataset}/fold{fold}.log",
+    benchmark:
+        "results/benchmarks/evaluate/{arch}/{init}/{dataset}/fold{fold}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("evaluate")
+    resources:
+        **rule_resources("evaluate"),
+    shell:
+        "python -m pretrain_det3d evaluate --predictions {input.predictions} --converted {input.converted} --splits {input.splits} "
+        "--fold {wildcards.fold} --out-json {output.metrics} --out-csv {output.cases} > {log} 2>&1"

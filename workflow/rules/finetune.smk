@@ -1,0 +1,55 @@
+# Fine-tuning stage: detector x initialisation x dataset x fold, then prediction on the fold's validation cases.
+
+
+rule finetune:
+    input:
+        plan=f"{DATA}/preprocessed/{{dataset}}/plan.json",
+        splits=f"{DATA}/preprocessed/{{dataset}}/splits.json",
+        cases=f"{DATA}/preprocessed/{{dataset}}/cases",
+        init=init_checkpoint,
+    output:
+        "results/finetune/{arch}/{init}/{dataset}/fold{fold}/model_final.pth",
+    params:
+        preprocessed=lambda w, input: str(Path(input.plan).parent),
+        detector=lambda w: config["detectors"][w.arch].get("detector", w.arch),
+        settings=lambda w: as_json(finetuning_settings(config, w.arch)),
+        init_arg=lambda w, input: f"--init {input.init}" if input.init else "",
+        out_dir=lambda w, output: str(Path(output[0]).parent),
+        seed=config["seed"],
+    log:
+        "results/logs/finetune/{arch}/{init}/{dataset}/fold{fold}.log",
+    benchmark:
+        "results/benchmarks/finetune/{arch}/{init}/{dataset}/fold{fold}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("finetune")
+    resources:
+        **rule_resources("finetune"),
+    shell:
+        "python -m pretrain_det3d finetune --preprocessed {params.preprocessed} --fold {wildcards.fold} --detector {params.detector} "
+        "--settings {params.settings:q} {params.init_arg} --out-dir {params.out_dir} --seed {params.seed} "
+        "--threads {threads} > {log} 2>&1"
+
+
+rule predict:
+    input:
+        model="results/finetune/{arch}/{init}/{dataset}/fold{fold}/model_final.pth",
+        splits=f"{DATA}/preprocessed/{{dataset}}/splits.json",
+        cases=f"{DATA}/preprocessed/{{dataset}}/cases",
+    output:
+        directory("results/predictions/{arch}/{init}/{dataset}/fold{fold}"),
+    params:
+        preprocessed=lambda w, input: str(Path(input.splits).parent),
+        settings=lambda w: as_json(inference_settings(config, w.arch)),
+    log:
+        "results/logs/predict/{arch}/{init}/{dataset}/fold{fold}.log",
+    benchmark:
+        "results/benchmarks/predict/{arch}/{init}/{dataset}/fold{fold}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("predict")
+    resources:
+        **rule_resources("predict"),
+    shell:
+        "python -m pretrain_det3d predict --model {input.model} --preprocessed {params.preprocessed} --fold {wildcards.fold} "
+        "--settings {params.settings:q} --out-dir {output} --threads {threads} > {log} 2>&1"

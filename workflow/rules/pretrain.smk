@@ -1,0 +1,26 @@
+# Pre-training stage: one checkpoint per configured method (scratch has none).
+
+
+rule pretrain:
+    input:
+        plan=f"{DATA}/preprocessed_corpus/{CORPUS}/plan.json",
+        cases=f"{DATA}/preprocessed_corpus/{CORPUS}/cases",
+    output:
+        "results/pretrain/{method}/checkpoint_final.pth",
+    params:
+        corpus=lambda w, input: str(Path(input.plan).parent),
+        method_class=lambda w: config["pretraining"]["methods"][w.method].get("method", w.method),
+        settings=lambda w: as_json(pretraining_settings(config, w.method)),
+        seed=config["seed"],
+    log:
+        "results/logs/pretrain/{method}.log",
+    benchmark:
+        "results/benchmarks/pretrain/{method}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("pretrain")
+    resources:
+        **rule_resources("pretrain"),
+    shell:
+        "python -m pretrain_det3d pretrain --corpus {params.corpus} --method {params.method_class} --settings {params.settings:q} "
+        "--out {output} --seed {params.seed} --threads {threads} > {log} 2>&1"
