@@ -1,0 +1,36 @@
+"""Shared fixtures: running Snakemake on this repository's workflow in a scratch working directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "Snakefile"
+SMOKE_CONFIG = REPO / "tests" / "configs" / "smoke.yaml"
+
+
+def run_snakemake(workdir: Path, *args: str, configfile: Path | None = SMOKE_CONFIG, check: bool = True,
+                  timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run the workflow with ``workdir`` as working directory; the interpreter's bin dir leads PATH."""
+    command = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(workdir)]
+    if configfile is not None:
+        command += ["--configfile", str(configfile)]
+    command += list(args)
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+@pytest.fixture
+def snakemake_runner():
+    return run_snakemake

@@ -1,0 +1,68 @@
+"""Config validation: names the study refers to must exist, and each error names the config key."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from pretrain_det3d import catalog
+from pretrain_det3d.config import ConfigError, finetuning_settings, pretraining_settings, validate_config
+
+from conftest import REPO, SMOKE_CONFIG
+
+
+@pytest.fixture
+def smoke() -> dict:
+    return yaml.safe_load(SMOKE_CONFIG.read_text())
+
+
+@pytest.mark.parametrize("path", ["config/config.yaml", "config/paper.yaml", "tests/configs/smoke.yaml"])
+def test_shipped_configs_are_valid(path):
+    validate_config(yaml.safe_load((REPO / path).read_text()))
+
+
+@pytest.mark.parametrize(
+    "mutate, key, name",
+    [
+        (lambda c: c["study"]["datasets"].append("nope"), "study.datasets[1]", "nope"),
+        (lambda c: c["study"]["detectors"].__setitem__(0, "yolo3d"), "study.detectors[0]", "yolo3d"),
+        (lambda c: c["study"]["initialisations"].append("simclr"), "study.initialisations[2]", "simclr"),
+        (lambda c: c["pretraining"]["methods"]["mae"].__setitem__("method", "byol"), "pretraining.methods.mae", "byol"),
+        (lambda c: c["detectors"]["retina_unet"].__setitem__("detector", "yolo"), "detectors.retina_unet", "yolo"),
+        (lambda c: c.__setitem__("backbone", "resnet50"), "backbone", "resnet50"),
+        (lambda c: c["datasets"]["smoke_lesions"].__setitem__("source", "ftp"), "datasets.smoke_lesions.source", "ftp"),
+        (lambda c: c["study"]["folds"].append(7), "study.folds[2]", "7"),
+    ],
+)
+def test_unknown_names_name_the_key(smoke, mutate, key, name):
+    config = copy.deepcopy(smoke)
+    mutate(config)
+    with pytest.raises(ConfigError) as info:
+        validate_config(config)
+    message = str(info.value)
+    assert f"'{key}'" in message and name in message
+
+
+def test_settings_merge_backbone_and_drop_class_name(smoke):
+    settings = finetuning_settings(smoke, "retina_unet")
+    assert settings["preset"] == smoke["backbone"]
+    assert "detector" not in settings and settings["iterations"] == smoke["detectors"]["retina_unet"]["iterations"]
+    pre = pretraining_settings(smoke, "mae")
+    assert pre["preset"] == smoke["backbone"] and "method" not in pre
+
+
+def test_catalog_agrees_with_registries():
+    """Every catalog name is registered by its module, and every registered name is in the catalog."""
+    from pretrain_det3d.models.backbone import BACKBONE_PRESETS
+    from pretrain_det3d.models.registry import DETECTORS
+    from pretrain_det3d.pretraining import METHODS
+
+    for name in catalog.DETECTOR_MODULES:
+        catalog.import_detector(name)
+    for name in catalog.PRETRAINING_MODULES:
+        catalog.import_pretraining_method(name)
+    assert set(DETECTORS.names()) == set(catalog.DETECTOR_MODULES)
+    assert set(METHODS.names()) == set(catalog.PRETRAINING_MODULES)
+    assert set(BACKBONE_PRESETS.names()) == set(catalog.BACKBONE_PRESETS)

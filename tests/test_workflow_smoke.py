@@ -1,0 +1,75 @@
+"""End to end: the smoke study runs through every rule of the DAG and writes every final output."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import SMOKE_CONFIG
+
+pytestmark = pytest.mark.slow
+
+MAIN_METRIC = "AP_IoU_0.10_MaxDet_100"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    from conftest import run_snakemake
+
+    workdir = tmp_path_factory.mktemp("smoke")
+    run_snakemake(workdir, "--cores", "2")
+    return workdir
+
+
+def test_every_final_output_exists(smoke_run):
+    for path in ["tables/main_results.csv", "tables/main_results.md", "tables/runs.csv",
+                 "figures/ap_by_init.png", "figures/ap_by_init.pdf"]:
+        assert (smoke_run / "results" / path).stat().st_size > 0, path
+
+
+def test_metrics_and_predictions_per_run(smoke_run):
+    config = yaml.safe_load(SMOKE_CONFIG.read_text())
+    study = config["study"]
+    dataset = study["datasets"][0]
+    splits = json.loads((smoke_run / "results/data/preprocessed" / dataset / "splits.json").read_text())
+    assert len(splits) == study["num_folds"]
+    for init in study["initialisations"]:
+        for fold in study["folds"]:
+            metrics = json.loads((smoke_run / f"results/metrics/retina_unet/{init}/{dataset}/fold{fold}.json").read_text())
+            assert 0.0 <= metrics[MAIN_METRIC] <= 1.0
+            assert "mAP_IoU_0.10_0.50_0.05_MaxDet_100" in metrics and "FROC_score_IoU_0.10" in metrics
+            predictions = smoke_run / f"results/predictions/retina_unet/{init}/{dataset}/fold{fold}"
+            assert sorted(p.stem for p in predictions.glob("*.json")) == sorted(splits[fold]["val"])
+            record = json.loads(next(predictions.glob("*.json")).read_text())
+            assert set(record) >= {"boxes", "scores", "labels"}
+            assert len(record["boxes"]) <= config["inference"]["max_detections"]
+            log = pd.read_csv(smoke_run / f"results/finetune/retina_unet/{init}/{dataset}/fold{fold}/log.csv")
+            assert len(log) == config["detectors"]["retina_unet"]["iterations"]
+
+
+def test_table_has_one_row_per_run_group(smoke_run):
+    table = pd.read_csv(smoke_run / "results/tables/main_results.csv")
+    assert len(table) == len(yaml.safe_load(SMOKE_CONFIG.read_text())["study"]["initialisations"])
+    runs = pd.read_csv(smoke_run / "results/tables/runs.csv")
+    main = runs[runs["metric"] == MAIN_METRIC]
+    for init, group in main.groupby("initialisation"):
+        row = table[table["initialisation"] == init].iloc[0]
+        assert abs(row[f"{MAIN_METRIC}_mean"] - group["value"].mean()) < 1e-9
+
+
+def test_pretraining_checkpoint_is_nnssl_schema(smoke_run):
+    checkpoint = torch.load(smoke_run / "results/pretrain/mae/checkpoint_final.pth", weights_only=True)
+    plan = checkpoint["nnssl_adaptation_plan"]
+    assert plan["key_to_encoder"] == "encoder.stages" and plan["key_to_stem"] == "encoder.stem"
+    assert any(k.startswith("encoder.stages.") for k in checkpoint["network_weights"])
+
+
+def test_second_run_has_nothing_to_do(smoke_run):
+    from conftest import run_snakemake
+
+    result = run_snakemake(smoke_run, "-n")
+    assert "Nothing to be done" in result.stdout + result.stderr
