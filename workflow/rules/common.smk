@@ -88,3 +88,11 @@ def parse_metric_path(path):
     """(arch, init, dataset, fold) of results/metrics/{arch}/{init}/{dataset}/fold{fold}.json."""
     parts = Path(path).parts
     return parts[-4], parts[-3], parts[-2], int(parts[-1].removeprefix("fold").removesuffix(".json"))
+
+
+# Light bookkeeping runs on the submit host even under a cluster executor.
+localrules:
+    all,
+    check_dataset,
+    aggregate,
+    plot_ap_by_init,
