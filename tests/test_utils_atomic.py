@@ -47,3 +47,14 @@ def test_directory_is_replaced_whole(tmp_path):
             raise ValueError
     assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
+
+
+def test_finished_file_has_umask_mode(tmp_path):
+    import os
+
+    target = tmp_path / "out.txt"
+    with atomic_path(target) as tmp:
+        tmp.write_text("x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
