@@ -1,0 +1,48 @@
+"""Entry point of the ``pretrain`` rule: one method on one preprocessed corpus."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from pretrain_det3d.pretraining.trainer import METHODS
+from pretrain_det3d.training.dataloader import list_corpus_cases, load_case_records
+from pretrain_det3d.training.trainer import seed_everything
+
+
+def run_pretraining(
+    corpus_root: str | os.PathLike,
+    method: str,
+    settings: Mapping[str, Any],
+    out_path: str | os.PathLike,
+    seed: int,
+    log_path: str | os.PathLike | None = None,
+) -> Path:
+    """Pre-train ``method`` on the volumes of ``{corpus_root}/cases/*.npy`` and write ``out_path``.
+
+    ``out_path`` receives an nnssl-format checkpoint (pre-training patch size included); the run keeps
+    ``checkpoint_latest.pth`` beside it while training and resumes from it when rerun. ``log_path`` defaults
+    to ``log.csv`` beside ``out_path``. Settings: ``preset``, ``iterations``, ``batch_size``, ``patch_size``,
+    ``optimizer`` / ``lr`` / ``momentum`` / ``weight_decay`` (default nnssl's SGD, Nesterov 0.99, 1e-2, 3e-5),
+    ``warmup_iterations``, ``checkpoint_every``, ``num_workers``, ``augmentation``, ``device``, ``threads``,
+    and the method's own keys (``mae``: ``mask_ratio``, ``mask_block``).
+
+    Example:
+        >>> run_pretraining("results/data/preprocessed_corpus/synthetic", "mae",
+        ...                 {"preset": "resenc_demo", "iterations": 100, "patch_size": [32, 32, 32]},
+        ...                 "results/pretrain/mae/checkpoint_final.pth", seed=0)  # doctest: +SKIP
+    """
+    trainer_class = METHODS.get(method)
+    cases = list_corpus_cases(corpus_root)
+    records = load_case_records(corpus_root, cases, with_labels=False)
+    first = np.load(records[0].image_path, mmap_mode="r")
+    if first.ndim != 4:
+        raise ValueError(f"{records[0].image_path}: expected a [C, Z, Y, X] array, got shape {first.shape}")
+    seed_everything(seed)  # the network's random initialisation depends on it
+    trainer = trainer_class(dict(settings), records, in_channels=int(first.shape[0]), out_path=out_path,
+                            seed=seed, log_path=log_path)
+    trainer.run()
+    return Path(out_path)

@@ -1,0 +1,84 @@
+"""The trainer every pre-training method shares: ``IterationTrainer`` on unlabelled corpus patches.
+
+A method subclasses ``PretrainingTrainer``, registers itself in ``METHODS`` and provides ``build_network``
+(the whole network it trains; its encoder must sit at ``.encoder``) and ``compute_losses``. Optimiser,
+schedule, logging, checkpoints and resume come from ``training.trainer``. The finished network is written in
+nnssl's checkpoint schema, so fine-tuning transfers its stem and encoder like any published checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from pretrain_det3d.training.dataloader import CaseRecord
+from pretrain_det3d.training.trainer import IterationTrainer, TrainingSettings
+from pretrain_det3d.utils.registry import Registry
+
+METHODS: Registry[type["PretrainingTrainer"]] = Registry("pre-training method")
+
+# nnssl's defaults for its MAE (nnU-Net style): SGD, Nesterov momentum 0.99, lr 1e-2, weight decay 3e-5,
+# poly decay; no foreground oversampling (no labels) and no augmentation by default
+PRETRAINING_DEFAULTS: dict[str, Any] = {
+    "optimizer": "sgd",
+    "momentum": 0.99,
+    "lr": 1e-2,
+    "weight_decay": 3e-5,
+    "warmup_iterations": 0,
+    "augmentation": False,
+    "foreground_fraction": 0.0,
+    "patch_size": (64, 64, 64),
+}
+DEFAULT_PRESET = "resenc_l"
+
+
+class PretrainingTrainer(IterationTrainer):
+    """Base of the pre-training methods; writes ``save_pretraining_checkpoint(out_path, ...)`` at the end."""
+
+    with_labels = False
+    method: ClassVar[str] = ""
+    # training-loop defaults of the method (override per method); the user's settings win over them
+    training_defaults: ClassVar[Mapping[str, Any]] = PRETRAINING_DEFAULTS
+
+    def __init__(
+        self,
+        settings: Mapping[str, Any],
+        records: Sequence[CaseRecord],
+        in_channels: int,
+        out_path: str | os.PathLike,
+        seed: int,
+        log_path: str | os.PathLike | None = None,
+    ) -> None:
+        self.method_settings = dict(settings)
+        self.preset = str(settings.get("preset", DEFAULT_PRESET))
+        self.in_channels = int(in_channels)
+        self.out_path = Path(out_path)
+        training = TrainingSettings.from_settings(settings, **self.training_defaults)
+        network = self.build_network()
+        super().__init__(network, training, records, self.out_path.parent, seed, log_path)
+
+    def build_network(self) -> torch.nn.Module:
+        """The network to train (built after seeding, so its initialisation is reproducible)."""
+        raise NotImplementedError
+
+    def batch_generator(self, salt: int = 0) -> torch.Generator:
+        """A CPU generator that depends only on (seed, iteration, salt): random choices made inside a step
+        (masks, ...) are then reproduced exactly on resume."""
+        state = np.random.SeedSequence([self.seed, self.iteration, salt]).generate_state(2)
+        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+    def save_final(self) -> None:
+        from pretrain_det3d.models.checkpoint import save_pretraining_checkpoint
+
+        save_pretraining_checkpoint(
+            self.out_path,
+            self.model,
+            self.preset,
+            self.in_channels,
+            list(self.settings.patch_size),
+            self.method,
+        )

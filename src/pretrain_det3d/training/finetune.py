@@ -1,0 +1,101 @@
+"""Fine-tuning of a detector on one cross-validation fold (the ``finetune`` rule).
+
+Example:
+    >>> run_finetuning("results/data/preprocessed/synthetic", fold=0, detector="retina_unet",
+    ...                settings={"iterations": 200, "patch_size": [48, 48, 48]},
+    ...                init_checkpoint="results/pretrain/mae/checkpoint_final.pth",
+    ...                out_dir="results/finetune/retina_unet/mae/synthetic/fold0", seed=0)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from pretrain_det3d.training.dataloader import load_case_records
+from pretrain_det3d.training.trainer import DetectorTrainer, TrainingSettings, seed_everything
+
+LOGGER = logging.getLogger(__name__)
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (run preprocessing first)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+
+
+def fold_cases(preprocessed_root: str | os.PathLike, fold: int, part: str = "train") -> list[str]:
+    """Case ids of ``part`` (``"train"`` or ``"val"``) of ``fold`` in ``splits.json``."""
+    path = Path(preprocessed_root) / "splits.json"
+    splits = _read_json(path)
+    if not isinstance(splits, list) or not 0 <= fold < len(splits):
+        raise ValueError(f"{path}: has no fold {fold} (it lists {len(splits) if isinstance(splits, list) else 0})")
+    try:
+        return list(splits[fold][part])
+    except (KeyError, TypeError):
+        raise ValueError(f"{path}: fold {fold} has no {part!r} list") from None
+
+
+def run_finetuning(
+    preprocessed_root: str | os.PathLike,
+    fold: int,
+    detector: str,
+    settings: Mapping[str, Any],
+    init_checkpoint: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    seed: int,
+    log_path: str | os.PathLike | None = None,
+) -> Path:
+    """Train ``detector`` on the training cases of ``fold`` and write ``{out_dir}/model_final.pth``.
+
+    ``settings`` holds the training keys of ``TrainingSettings`` (iterations, batch_size, patch_size,
+    optimizer, lr, momentum, weight_decay, warmup_iterations, grad_clip, checkpoint_every, num_workers,
+    augmentation, foreground_fraction, device, threads) and whatever the detector reads. With
+    ``init_checkpoint`` the stem and encoder stages are copied from that pre-training checkpoint; everything
+    is then trained from the first iteration (the warm-up protects the transferred weights). Reruns resume
+    from ``{out_dir}/checkpoint_latest.pth``. ``log_path`` defaults to ``{out_dir}/log.csv``.
+    Returns the path of the final model.
+    """
+    from pretrain_det3d.models.checkpoint import load_pretrained_encoder
+    from pretrain_det3d.models.registry import build_detector
+
+    root = Path(preprocessed_root)
+    out_dir = Path(out_dir)
+    plan = _read_json(root / "plan.json")
+    try:
+        num_classes = int(plan["num_classes"])
+        in_channels = len(plan["modalities"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{root / 'plan.json'}: needs 'num_classes' and 'modalities'") from None
+    train_cases = fold_cases(root, fold, "train")
+    training = TrainingSettings.from_settings(settings)
+
+    seed_everything(seed)  # the detector's random initialisation depends on it
+    model = build_detector(detector, dict(settings), in_channels, num_classes, plan)
+    extra: dict[str, Any] = {"fold": fold, "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint)}
+    if init_checkpoint is not None:
+        report = load_pretrained_encoder(model, init_checkpoint)
+        counts = {"loaded": len(report.loaded_keys), "skipped": len(report.skipped_keys),
+                  "adapted": len(report.adapted_keys)}
+        LOGGER.info("encoder transfer from %s: %s (skipped: %s; adapted: %s)", init_checkpoint, counts,
+                    report.skipped_keys, report.adapted_keys)
+        extra["transfer_report"] = counts
+
+    trainer = DetectorTrainer(
+        model,
+        detector=detector,
+        settings=training,
+        records=load_case_records(root, train_cases),
+        out_dir=out_dir,
+        seed=seed,
+        log_path=log_path,
+        extra=extra,
+    )
+    trainer.run()
+    return out_dir / "model_final.pth"
