@@ -1,0 +1,136 @@
+"""The base class every dataset converter derives from, and the registry that names them.
+
+A converter turns one dataset's own on-disk format (DICOM series, MetaImage files, CSV/XML/XLSX annotations)
+into the converted format of ``docs/contracts.md`` (nnDetection's raw layout). A subclass says which cases the
+source holds (:meth:`DatasetConverter.list_cases`) and how to load one (:meth:`DatasetConverter.load_case`);
+the base class writes them all into a hidden folder that replaces ``out_dir`` only when every case was written,
+so a half-finished conversion never counts as done.
+
+Images keep the source's geometry (no resampling, no reorientation): the instance map shares the image's grid,
+so boxes are in voxels of the converted image, array axes (z, y, x).
+
+Example:
+    >>> @CONVERTERS.register("my_dataset")  # doctest: +SKIP
+    ... class MyConverter(DatasetConverter):
+    ...     dataset_name, modalities, class_names = "my_dataset", ("CT",), ("lesion",)
+    ...     licence, source = "CC-BY-4.0", "https://example.org"
+    ...     def list_cases(self, source_dir): ...
+    ...     def load_case(self, source_dir, case_id): ...
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from pretrain_det3d.data.io import write_case, write_dataset_json
+from pretrain_det3d.utils.atomic import atomic_directory
+from pretrain_det3d.utils.registry import Registry
+
+
+class ConversionError(ValueError):
+    """A source file is missing or does not follow the dataset's format; the message starts with its path."""
+
+    @classmethod
+    def for_file(cls, path: str | os.PathLike, problem: str) -> "ConversionError":
+        return cls(f"{os.fspath(path)}: {problem}")
+
+
+@dataclass
+class CaseRecord:
+    """One converted case in memory, ready for :func:`pretrain_det3d.data.io.write_case`.
+
+    Attributes:
+        case_id: the case's id in the converted dataset.
+        image: ``[C, Z, Y, X]``, one entry per modality (dtype kept on disk).
+        instance_map: integer ``[Z, Y, X]``, 0 background, 1..N instances.
+        instances: instance id -> class index.
+        spacing: voxel size along the array axes (z, y, x), mm.
+        origin, direction: as SimpleITK gives them (x, y, z; 9 direction cosines).
+        notes: anything worth keeping about the conversion of this case (goes nowhere on disk).
+    """
+
+    case_id: str
+    image: np.ndarray
+    instance_map: np.ndarray
+    instances: dict[int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def case_from_sitk(case_id: str, images: Sequence[sitk.Image], instance_map: np.ndarray,
+                   instances: Mapping[int, int]) -> CaseRecord:
+    """Build a :class:`CaseRecord` from SimpleITK images that share one grid (the first one's geometry)."""
+    reference = images[0]
+    arrays = [sitk.GetArrayFromImage(image) for image in images]  # each [Z, Y, X]
+    for index, array in enumerate(arrays):
+        if array.shape != instance_map.shape:
+            raise ValueError(f"case {case_id}: channel {index} has shape {array.shape}, the labels {instance_map.shape}")
+    return CaseRecord(
+        case_id=case_id,
+        image=np.stack(arrays),  # [C, Z, Y, X]
+        instance_map=instance_map,
+        instances=dict(instances),
+        spacing=tuple(float(s) for s in reversed(reference.GetSpacing())),  # x,y,z -> z,y,x
+        origin=tuple(float(o) for o in reference.GetOrigin()),
+        direction=tuple(float(d) for d in reference.GetDirection()),
+    )
+
+
+class DatasetConverter(ABC):
+    """Converts one dataset; subclasses set the class attributes and implement two methods.
+
+    ``settings`` are the dataset's ``convert:`` options from the config (each converter documents its own
+    keys and defaults).
+    """
+
+    dataset_name: str = ""
+    modalities: tuple[str, ...] = ("CT",)
+    class_names: tuple[str, ...] = ("lesion",)
+    licence: str = ""
+    source: str = ""
+
+    def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
+        self.settings = dict(settings or {})
+
+    @abstractmethod
+    def list_cases(self, source_dir: Path) -> list[str]:
+        """Ids of the cases to convert, sorted."""
+
+    @abstractmethod
+    def load_case(self, source_dir: Path, case_id: str) -> CaseRecord:
+        """Read one case and build its instance map from the dataset's annotations."""
+
+    def dataset_extra(self) -> dict[str, Any]:
+        """Extra keys for ``dataset.json`` (e.g. the conversion rules that were applied)."""
+        return {}
+
+    def convert(self, source_dir: str | os.PathLike, out_dir: str | os.PathLike, show_progress: bool = True) -> Path:
+        """Write the whole converted dataset to ``out_dir`` atomically and return it."""
+        source_dir = Path(source_dir)
+        if not source_dir.is_dir():
+            raise ConversionError.for_file(source_dir, "source folder does not exist")
+        case_ids = self.list_cases(source_dir)
+        if not case_ids:
+            raise ConversionError.for_file(source_dir, f"no {self.dataset_name} cases found")
+        with atomic_directory(out_dir) as tmp:
+            for case_id in tqdm(case_ids, desc=f"convert {self.dataset_name}", unit="case", disable=not show_progress):
+                case = self.load_case(source_dir, case_id)
+                write_case(tmp, case.case_id, case.image, case.instance_map, case.instances,
+                           case.spacing, case.origin, case.direction)
+            write_dataset_json(tmp, self.dataset_name, self.modalities, self.class_names, self.licence,
+                               self.source, len(case_ids), **self.dataset_extra())
+        return Path(out_dir)
+
+
+#: converter name (the dataset's config ``converter:`` value) -> DatasetConverter subclass
+CONVERTERS: Registry[type[DatasetConverter]] = Registry("dataset converter")
