@@ -66,3 +66,22 @@ def test_catalog_agrees_with_registries():
     assert set(DETECTORS.names()) == set(catalog.DETECTOR_MODULES)
     assert set(METHODS.names()) == set(catalog.PRETRAINING_MODULES)
     assert set(BACKBONE_PRESETS.names()) == set(catalog.BACKBONE_PRESETS)
+
+
+def test_catalog_converters_are_registered():
+    from pretrain_det3d.data.converters import CONVERTERS, get_converter
+
+    for name in catalog.CONVERTER_MODULES:
+        get_converter(name)  # imports the module, which registers the class
+    assert set(CONVERTERS.names()) == set(catalog.CONVERTER_MODULES)
+
+
+def test_unknown_converter_names_the_key():
+    config = yaml.safe_load((REPO / "config/paper.yaml").read_text())
+    config["datasets"]["luna16"]["converter"] = "luna17"
+    with pytest.raises(ConfigError, match=r"'datasets.luna16.converter'.*luna17"):
+        validate_config(config)
+    config["datasets"]["luna16"]["converter"] = "luna16"
+    config["datasets"]["luna16"]["source"] = "nowhere"
+    with pytest.raises(ConfigError, match=r"'datasets.luna16.source'.*nowhere"):
+        validate_config(config)

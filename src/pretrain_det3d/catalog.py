@@ -13,6 +13,7 @@ import importlib
 #: detector name -> module whose import registers it in ``models.registry.DETECTORS``
 DETECTOR_MODULES: dict[str, str] = {
     "retina_unet": "pretrain_det3d.models.retina_unet",
+    "deformable_detr": "pretrain_det3d.models.deformable_detr",
 }
 
 #: pre-training method name -> module whose import registers it in ``pretraining.METHODS``
@@ -23,8 +24,20 @@ PRETRAINING_MODULES: dict[str, str] = {
 #: backbone preset names registered in ``models.backbone.BACKBONE_PRESETS``
 BACKBONE_PRESETS: tuple[str, ...] = ("resenc_l", "resenc_small", "resenc_demo")
 
-#: dataset sources the data stage knows how to obtain
-DATASET_SOURCES: tuple[str, ...] = ("synthetic",)
+#: the dataset source that is generated instead of downloaded (any other source names an entry of `sources:`)
+SYNTHETIC_SOURCE = "synthetic"
+
+#: dataset converter name -> module whose import registers it in ``data.converters.CONVERTERS``
+CONVERTER_MODULES: dict[str, str] = {
+    "luna16": "pretrain_det3d.data.converters.luna16",
+    "lidc": "pretrain_det3d.data.converters.lidc",
+    "duke_breast": "pretrain_det3d.data.converters.duke_breast",
+    "cta_a": "pretrain_det3d.data.converters.cta_a",
+    "ribfrac": "pretrain_det3d.data.converters.ribfrac",
+    "kits21": "pretrain_det3d.data.converters.kits21",
+    "msd_pancreas": "pretrain_det3d.data.converters.msd_pancreas",
+    "pn9": "pretrain_det3d.data.converters.pn9",
+}
 
 #: the initialisation that needs no pre-training
 SCRATCH = "scratch"

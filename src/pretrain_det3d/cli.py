@@ -56,6 +56,27 @@ def cmd_synthesize_corpus(args: argparse.Namespace) -> None:
     write_synthetic_corpus(args.out, args.settings, args.seed)
 
 
+def cmd_download(args: argparse.Namespace) -> None:
+    from pretrain_det3d.data.download import fetch_source
+
+    root = fetch_source(args.source_json, args.out)
+    print(f"source ready: {root}")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from pretrain_det3d.data.converters import convert_dataset
+
+    convert_dataset(args.converter, args.source, args.out, args.settings)
+
+
+def cmd_export_luna16(args: argparse.Namespace) -> None:
+    from pretrain_det3d.data.luna16_export import export_luna16_csv
+
+    cases = _validation_cases(args.splits, args.fold)
+    rows = export_luna16_csv(args.predictions, args.converted, cases, args.out)
+    print(f"{args.out}: {rows} candidates")
+
+
 def cmd_check_dataset(args: argparse.Namespace) -> None:
     import dataclasses
 
@@ -143,6 +164,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--settings", type=_settings, default={})
     p.add_argument("--seed", type=int, default=0)
+
+    p = verb("download", cmd_download, "download and verify a dataset source (or check a local copy)")
+    p.add_argument("--source-json", type=_settings, required=True, help="the source entry as JSON")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = verb("convert", cmd_convert, "convert a fetched source into the converted (nnDetection raw) format")
+    p.add_argument("--converter", required=True)
+    p.add_argument("--source", type=Path, required=True, help="folder holding source.json, or the data itself")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--settings", type=_settings, default={})
+
+    p = verb("export-luna16", cmd_export_luna16, "write a fold's predictions as a LUNA16 candidates CSV")
+    p.add_argument("--predictions", type=Path, required=True)
+    p.add_argument("--converted", type=Path, required=True)
+    p.add_argument("--splits", type=Path, required=True)
+    p.add_argument("--fold", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True)
 
     p = verb("check-dataset", cmd_check_dataset, "check a dataset in the converted format")
     p.add_argument("--root", type=Path, required=True)

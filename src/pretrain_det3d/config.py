@@ -46,11 +46,21 @@ def validate_config(config: dict[str, Any]) -> None:
             raise ConfigError(
                 f"config key 'study.datasets[{i}]': unknown dataset {name!r}; defined under 'datasets': {_known(datasets)}"
             )
+    sources = config.get("sources", {}) or {}
     for name, entry in datasets.items():
         source = entry.get("source")
-        if source not in catalog.DATASET_SOURCES:
+        if source == catalog.SYNTHETIC_SOURCE:
+            continue
+        if source not in sources:
             raise ConfigError(
-                f"config key 'datasets.{name}.source': unknown source {source!r}; known: {_known(catalog.DATASET_SOURCES)}"
+                f"config key 'datasets.{name}.source': unknown source {source!r}; use 'synthetic' or an entry of "
+                f"'sources': {_known(sources)}"
+            )
+        converter = entry.get("converter")
+        if converter not in catalog.CONVERTER_MODULES:
+            raise ConfigError(
+                f"config key 'datasets.{name}.converter': unknown converter {converter!r}; "
+                f"registered: {_known(catalog.CONVERTER_MODULES)}"
             )
 
     detectors = config.get("detectors", {})
@@ -90,6 +100,16 @@ def validate_config(config: dict[str, Any]) -> None:
     for i, fold in enumerate(study["folds"]):
         if not 0 <= int(fold) < num_folds:
             raise ConfigError(f"config key 'study.folds[{i}]': fold {fold} is outside 0..{num_folds - 1} (study.num_folds)")
+
+
+def synthetic_datasets(config: dict[str, Any]) -> list[str]:
+    """Names of the configured datasets that are generated rather than downloaded and converted."""
+    return [name for name, entry in config.get("datasets", {}).items() if entry.get("source") == catalog.SYNTHETIC_SOURCE]
+
+
+def converted_datasets(config: dict[str, Any]) -> list[str]:
+    """Names of the configured datasets obtained from a source entry and converted."""
+    return [name for name, entry in config.get("datasets", {}).items() if entry.get("source") != catalog.SYNTHETIC_SOURCE]
 
 
 def pretraining_settings(config: dict[str, Any], init: str) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 # Config helpers, targets and wildcard constraints shared by every rule file.
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +14,8 @@ os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("P
 
 from pretrain_det3d.config import (
     ConfigError,
+    converted_datasets,
+    synthetic_datasets,
     finetuning_settings,
     inference_settings,
     pretraining_settings,
@@ -37,6 +40,21 @@ wildcard_constraints:
     init="[A-Za-z0-9_.-]+",
     method="[A-Za-z0-9_.-]+",
     fold=r"\d+",
+
+
+def one_of(names):
+    """A wildcard regex matching exactly these names (and nothing when the list is empty)."""
+    return "|".join(re.escape(n) for n in names) if names else "(?!)"
+
+
+SYNTHETIC_DATASETS = one_of(synthetic_datasets(config))
+CONVERTED_DATASETS = one_of(converted_datasets(config))
+SOURCES = config.get("sources", {}) or {}
+
+
+def dataset_source(wildcards):
+    """The fetched source that a converted dataset is made from."""
+    return f"{DATA}/raw/{config['datasets'][wildcards.dataset]['source']}/source.json"
 
 
 def as_json(obj):
@@ -75,8 +93,20 @@ def fold_metric_files():
     )
 
 
+def luna16_exports():
+    """LUNA16's own CSV format, for every dataset converted with the LUNA16 converter."""
+    datasets = [d for d in STUDY["datasets"] if config["datasets"][d].get("converter") == "luna16"]
+    return expand(
+        "results/luna16/{arch}/{init}/{dataset}/fold{fold}.csv",
+        arch=STUDY["detectors"],
+        init=STUDY["initialisations"],
+        dataset=datasets,
+        fold=STUDY["folds"],
+    )
+
+
 def final_outputs():
-    return [
+    return luna16_exports() + [
         "results/tables/main_results.csv",
         "results/tables/main_results.md",
         "results/figures/ap_by_init.png",

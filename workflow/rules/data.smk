@@ -4,6 +4,8 @@
 rule synthesize_dataset:
     output:
         directory(f"{DATA}/converted/{{dataset}}"),
+    wildcard_constraints:
+        dataset=SYNTHETIC_DATASETS,
     params:
         settings=lambda w: as_json(config["datasets"][w.dataset].get("synthetic", {})),
         seed=lambda w: config["datasets"][w.dataset].get("seed", config["seed"]),
@@ -19,6 +21,50 @@ rule synthesize_dataset:
     shell:
         "python -m pretrain_det3d synthesize-dataset --out {output} --name {wildcards.dataset} "
         "--settings {params.settings:q} --seed {params.seed} > {log} 2>&1"
+
+
+rule download_source:
+    output:
+        f"{DATA}/raw/{{source}}/source.json",
+    params:
+        entry=lambda w: as_json(SOURCES[w.source]),
+        out_dir=lambda w, output: str(Path(output[0]).parent),
+    log:
+        "results/logs/download_source/{source}.log",
+    benchmark:
+        "results/benchmarks/download_source/{source}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("download_source")
+    resources:
+        **rule_resources("download_source"),
+    shell:
+        "python -m pretrain_det3d download --source-json {params.entry:q} --out {params.out_dir} > {log} 2>&1"
+
+
+rule convert_dataset:
+    input:
+        dataset_source,
+    output:
+        directory(f"{DATA}/converted/{{dataset}}"),
+    wildcard_constraints:
+        dataset=CONVERTED_DATASETS,
+    params:
+        converter=lambda w: config["datasets"][w.dataset]["converter"],
+        settings=lambda w: as_json(config["datasets"][w.dataset].get("convert", {})),
+        source_dir=lambda w, input: str(Path(input[0]).parent),
+    log:
+        "results/logs/convert_dataset/{dataset}.log",
+    benchmark:
+        "results/benchmarks/convert_dataset/{dataset}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("convert_dataset")
+    resources:
+        **rule_resources("convert_dataset"),
+    shell:
+        "python -m pretrain_det3d convert --converter {params.converter} --source {params.source_dir} "
+        "--out {output} --settings {params.settings:q} > {log} 2>&1"
 
 
 rule check_dataset:

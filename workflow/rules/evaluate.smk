@@ -21,3 +21,24 @@ rule evaluate:
     shell:
         "python -m pretrain_det3d evaluate --predictions {input.predictions} --converted {input.converted} --splits {input.splits} "
         "--fold {wildcards.fold} --out-json {output.metrics} --out-csv {output.cases} > {log} 2>&1"
+
+
+rule export_luna16:
+    input:
+        predictions="results/predictions/{arch}/{init}/{dataset}/fold{fold}",
+        splits=f"{DATA}/preprocessed/{{dataset}}/splits.json",
+        converted=f"{DATA}/converted/{{dataset}}",
+    output:
+        "results/luna16/{arch}/{init}/{dataset}/fold{fold}.csv",
+    log:
+        "results/logs/export_luna16/{arch}/{init}/{dataset}/fold{fold}.log",
+    benchmark:
+        "results/benchmarks/export_luna16/{arch}/{init}/{dataset}/fold{fold}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("export_luna16")
+    resources:
+        **rule_resources("export_luna16"),
+    shell:
+        "python -m pretrain_det3d export-luna16 --predictions {input.predictions} --converted {input.converted} "
+        "--splits {input.splits} --fold {wildcards.fold} --out {output} > {log} 2>&1"

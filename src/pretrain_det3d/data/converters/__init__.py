@@ -15,15 +15,12 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from pretrain_det3d import catalog
 from pretrain_det3d.data.converters.base import CONVERTERS, CaseRecord, ConversionError, DatasetConverter
 
-#: converter name -> module whose import registers it (part B adds ribfrac, kits21, msd_pancreas, pn9 here)
-CONVERTER_MODULES: dict[str, str] = {
-    "luna16": "pretrain_det3d.data.converters.luna16",
-    "lidc": "pretrain_det3d.data.converters.lidc",
-    "duke_breast": "pretrain_det3d.data.converters.duke_breast",
-    "cta_a": "pretrain_det3d.data.converters.cta_a",
-}
+#: converter name -> module whose import registers it (kept in the torch-free catalog so that config validation
+#: knows the names without importing any converter)
+CONVERTER_MODULES: dict[str, str] = catalog.CONVERTER_MODULES
 
 
 def get_converter(name: str, settings: Mapping[str, Any] | None = None) -> DatasetConverter:

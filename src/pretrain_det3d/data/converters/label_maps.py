@@ -1,0 +1,179 @@
+"""Helpers for converters whose annotations are label maps (RibFrac, KiTS21, MSD Pancreas).
+
+Three jobs, shared by those converters:
+
+- :func:`read_nifti` / :func:`check_same_grid`: read an image and its label map and insist they share one voxel
+  grid (size, spacing, origin, direction), so that the instance map can inherit the image's geometry;
+- :func:`integer_labels`: the label map as integers, refusing fractional values;
+- :func:`connected_instances`: semantic labels -> instances by connected components, with a size filter.
+
+Connectivity: the default is 26 (the full 3 x 3 x 3 structuring element: voxels touching by a face, an edge or
+a corner belong to one object), so a lesion whose annotation touches itself only diagonally stays one object.
+``6`` (faces only) and ``18`` (faces and edges) are available.
+
+Size filter (``min_extent_mm``): a component is kept when, along every array axis except the one with the
+coarsest spacing (the slice axis of an anisotropic CT; on ties the first such axis, z), it spans at least
+``min_extent_mm`` millimetres, counted as ``number of voxels spanned x spacing``. The slice axis is left out
+because a small lesion legitimately covers a single thick slice. This follows the idea of nnDetection's
+seg2det conversion (drop specks that are not lesions) without its code; ``0`` keeps every component.
+
+Example:
+    >>> seg = np.zeros((3, 6, 6), np.uint8); seg[1, 1:4, 1:4] = 2; seg[1, 5, 5] = 2
+    >>> instance_map, instances, dropped = connected_instances(seg, {2: 0}, (2.0, 1.0, 1.0), min_extent_mm=2.0)
+    >>> instances, len(dropped)
+    ({1: 0}, 1)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from pretrain_det3d.data.converters.base import ConversionError
+
+#: tolerances for "same grid", as the converted-format check uses (float32 NIfTI headers round-trip)
+SPACING_RTOL = 1e-5
+ORIGIN_ATOL_MM = 1e-3
+DIRECTION_ATOL = 1e-5
+#: connectivity name -> ``generate_binary_structure`` rank argument
+CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
+DEFAULT_CONNECTIVITY = 26
+
+
+def read_nifti(path: str | os.PathLike) -> sitk.Image:
+    """Read a 3D single-channel image; a missing, unreadable or non-3D file raises :class:`ConversionError`.
+
+    Example:
+        >>> read_nifti("kits21/data/case_00000/imaging.nii.gz").GetDimension()  # doctest: +SKIP
+        3
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError.for_file(path, "file is missing")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        detail = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise ConversionError.for_file(path, f"cannot be read ({detail[-1] if detail else 'unknown reason'})") from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ConversionError.for_file(
+            path, f"expected a 3D single-channel image, got {image.GetDimension()}D with "
+            f"{image.GetNumberOfComponentsPerPixel()} component(s)")
+    return image
+
+
+def check_same_grid(image: sitk.Image, image_path: str | os.PathLike, label: sitk.Image,
+                    label_path: str | os.PathLike) -> None:
+    """Raise :class:`ConversionError` naming ``label_path`` and the field where the two grids differ.
+
+    Example:
+        >>> a = sitk.Image(4, 4, 4, sitk.sitkInt16); b = sitk.Image(4, 4, 4, sitk.sitkUInt8)
+        >>> check_same_grid(a, "a.nii.gz", b, "b.nii.gz")  # same grid: no error
+    """
+    checks = {
+        "size": (image.GetSize(), label.GetSize(), lambda a, b: tuple(a) == tuple(b)),
+        "spacing": (image.GetSpacing(), label.GetSpacing(),
+                    lambda a, b: np.allclose(a, b, rtol=SPACING_RTOL, atol=0.0)),
+        "origin": (image.GetOrigin(), label.GetOrigin(), lambda a, b: np.allclose(a, b, rtol=0.0, atol=ORIGIN_ATOL_MM)),
+        "direction": (image.GetDirection(), label.GetDirection(),
+                      lambda a, b: np.allclose(a, b, rtol=0.0, atol=DIRECTION_ATOL)),
+    }
+    for field_name, (ours, theirs, agree) in checks.items():
+        if not agree(ours, theirs):
+            raise ConversionError.for_file(
+                label_path, f"{field_name} {tuple(round(float(v), 6) for v in theirs)} differs from {field_name} "
+                f"{tuple(round(float(v), 6) for v in ours)} of {os.fspath(image_path)}")
+
+
+def integer_labels(label: sitk.Image, path: str | os.PathLike) -> np.ndarray:
+    """The label map as an int64 ``[Z, Y, X]`` array; fractional or non-finite values raise ConversionError.
+
+    Example:
+        >>> integer_labels(sitk.Image(2, 2, 2, sitk.sitkFloat32), "x.nii.gz").dtype
+        dtype('int64')
+    """
+    array = sitk.GetArrayFromImage(label)  # [Z, Y, X]
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise ConversionError.for_file(path, f"label map holds non-integer values (dtype {array.dtype})")
+    return array.astype(np.int64)
+
+
+def instance_dtype(num_instances: int) -> type:
+    """Smallest signed dtype the converted instance map needs (int16 unless there are >32767 instances)."""
+    return np.int16 if num_instances < np.iinfo(np.int16).max else np.int32
+
+
+def relabel(instance_map: np.ndarray, kept_ids: Sequence[int]) -> np.ndarray:
+    """Renumber ``kept_ids`` to 1..N in the given order; every other value becomes 0 (background).
+
+    Example:
+        >>> relabel(np.array([[0, 3, 5, 7]]), [5, 3]).tolist()
+        [[0, 2, 1, 0]]
+    """
+    lookup = np.zeros(int(max(int(instance_map.max(initial=0)), max(kept_ids, default=0))) + 1, dtype=np.int64)
+    for new_id, old_id in enumerate(kept_ids, start=1):
+        lookup[int(old_id)] = new_id
+    return lookup[instance_map].astype(instance_dtype(len(kept_ids)))
+
+
+def structure_for(connectivity: int) -> np.ndarray:
+    """The 3 x 3 x 3 structuring element of 6-, 18- or 26-connectivity."""
+    if connectivity not in CONNECTIVITY_RANK:
+        raise ValueError(f"connectivity must be one of {sorted(CONNECTIVITY_RANK)}, got {connectivity!r}")
+    return ndimage.generate_binary_structure(3, CONNECTIVITY_RANK[connectivity])
+
+
+def _kept_axes(spacing_zyx: Sequence[float]) -> list[int]:
+    """Array axes whose extent the size filter checks: all but the (first) coarsest-spacing axis."""
+    coarsest = int(np.argmax(np.asarray(spacing_zyx, dtype=float)))
+    return [axis for axis in range(3) if axis != coarsest]
+
+
+def connected_instances(
+    semantic: np.ndarray,
+    classes_of_labels: Mapping[int, int],
+    spacing_zyx: Sequence[float],
+    min_extent_mm: float = 0.0,
+    connectivity: int = DEFAULT_CONNECTIVITY,
+) -> tuple[np.ndarray, dict[int, int], list[dict[str, Any]]]:
+    """Turn semantic labels into an instance map by connected components.
+
+    Args:
+        semantic: integer label map ``[Z, Y, X]``.
+        classes_of_labels: semantic label value -> class index of the converted dataset (other labels are
+            background).
+        spacing_zyx: voxel size along the array axes, mm.
+        min_extent_mm: size filter (module docstring); 0 keeps all components.
+        connectivity: 6, 18 or 26.
+
+    Returns:
+        ``(instance_map, instances, dropped)``: the map (ids 1..N, numbered by label value, then in scipy's
+        raster order of each component's first voxel), instance id -> class index, and one record per
+        dropped component (``label``, ``box`` in voxels, ``extent_mm``).
+    """
+    structure = structure_for(connectivity)
+    kept_axes = _kept_axes(spacing_zyx)
+    instance_map = np.zeros(semantic.shape, dtype=np.int32)
+    instances: dict[int, int] = {}
+    dropped: list[dict[str, Any]] = []
+    for label_value in sorted(classes_of_labels):
+        components, count = ndimage.label(semantic == label_value, structure=structure)
+        for component_id, box in enumerate(ndimage.find_objects(components), start=1):
+            if box is None:
+                continue
+            extent_mm = [(s.stop - s.start) * float(sp) for s, sp in zip(box, spacing_zyx)]
+            if any(extent_mm[axis] < min_extent_mm for axis in kept_axes):
+                dropped.append({"label": int(label_value),
+                                "box": [s.start for s in box] + [s.stop for s in box],
+                                "extent_mm": [round(e, 4) for e in extent_mm]})
+                continue
+            instance_id = len(instances) + 1
+            instance_map[box][components[box] == component_id] = instance_id
+            instances[instance_id] = int(classes_of_labels[label_value])
+    return instance_map.astype(instance_dtype(len(instances))), instances, dropped
