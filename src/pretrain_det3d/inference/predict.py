@@ -1,0 +1,124 @@
+"""Predict the cases of a preprocessed dataset with a trained detector; one JSON per case.
+
+Each ``{out_dir}/{case}.json`` holds ``{"boxes", "scores", "labels", "world_centres"}``: boxes in the
+converted image's voxels (MONAI standard mode over the array axes z, y, x, max exclusive), and box centres
+in world coordinates (mm, SimpleITK's physical space, ordered x, y, z like SimpleITK's points).
+
+World centres: a box spans ``[min, max)`` in voxel edges, and voxel ``i``'s centre is at edge coordinate
+``i + 0.5``, so the centre's continuous SimpleITK index is ``(min + max) / 2 - 0.5`` per axis, reversed to
+(x, y, z). The point is ``origin + direction @ (spacing_xyz * index_xyz)`` with the case JSON's ``origin``
+and ``direction`` (SimpleITK order) and ``original_spacing`` (array order z, y, x, hence reversed).
+
+Example:
+    >>> run_prediction("results/finetune/retina_unet/scratch/synthetic/fold0/model_final.pth",
+    ...                "results/data/preprocessed/synthetic", ["synthetic_0003"], "results/predictions/x",
+    ...                {"patch_size": [48, 48, 48]})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from pretrain_det3d.data.preprocessing import map_boxes_to_original
+from pretrain_det3d.inference.sliding_window import (
+    DEFAULT_MAX_DETECTIONS,
+    DEFAULT_NMS_IOU,
+    DEFAULT_OVERLAP,
+    DEFAULT_SCORE_THRESHOLD,
+    predict_case,
+)
+from pretrain_det3d.models.registry import load_detector
+from pretrain_det3d.utils.atomic import write_json
+
+#: Settings keys and their defaults (``patch_size`` has none: it must match training).
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "overlap": DEFAULT_OVERLAP,
+    "mirror": False,
+    "max_detections": DEFAULT_MAX_DETECTIONS,
+    "nms_iou": DEFAULT_NMS_IOU,
+    "score_threshold": DEFAULT_SCORE_THRESHOLD,
+    "batch_size": 1,
+    "device": "cpu",
+}
+MIRROR_AXES = (0, 1, 2)  # all spatial axes when ``mirror`` is on
+CASES_DIR = "cases"
+
+
+def world_centres(boxes: np.ndarray, case_meta: Mapping[str, Any]) -> np.ndarray:
+    """World coordinates (x, y, z, mm) of the centres of converted-voxel boxes (see the module docstring).
+
+    Example:
+        >>> meta = {"original_spacing": [2.0, 1.0, 1.0], "origin": [10.0, 0.0, 0.0],
+        ...         "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]}
+        >>> world_centres(np.array([[0, 0, 0, 2, 2, 4]]), meta).tolist()
+        [[11.5, 0.5, 1.0]]
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
+    for key in ("original_spacing", "origin", "direction"):
+        if key not in case_meta:
+            raise KeyError(f"case metadata lacks {key!r} (needed for world coordinates)")
+    index_zyx = (boxes[:, :3] + boxes[:, 3:]) / 2.0 - 0.5  # [N, 3] continuous voxel-centre index
+    index_xyz = index_zyx[:, ::-1]
+    spacing_xyz = np.asarray(case_meta["original_spacing"], dtype=np.float64)[::-1]
+    direction = np.asarray(case_meta["direction"], dtype=np.float64).reshape(3, 3)
+    origin = np.asarray(case_meta["origin"], dtype=np.float64)
+    return origin[None, :] + (index_xyz * spacing_xyz[None, :]) @ direction.T  # [N, 3]
+
+
+def _settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(settings) - set(DEFAULT_SETTINGS) - {"patch_size"})
+    if unknown:
+        raise KeyError(f"unknown prediction settings {unknown}; known: patch_size, {', '.join(DEFAULT_SETTINGS)}")
+    if "patch_size" not in settings:
+        raise KeyError("prediction settings need 'patch_size' [z, y, x]")
+    return {**DEFAULT_SETTINGS, **settings}
+
+
+def run_prediction(
+    model_path: str | os.PathLike,
+    preprocessed_root: str | os.PathLike,
+    case_ids: Sequence[str],
+    out_dir: str | os.PathLike,
+    settings: Mapping[str, Any],
+) -> None:
+    """Predict ``case_ids`` of a preprocessed dataset and write ``{out_dir}/{case}.json`` atomically."""
+    options = _settings(settings)
+    detector, _ = load_detector(model_path)
+    cases = Path(preprocessed_root) / CASES_DIR
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for case in tqdm(list(case_ids), desc="predict", unit="case"):
+        image_path, meta_path = cases / f"{case}.npy", cases / f"{case}.json"
+        for path in (image_path, meta_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: preprocessed case file not found")
+        image = np.load(image_path, mmap_mode="r")
+        meta = json.loads(meta_path.read_text())
+        result = predict_case(
+            detector,
+            image,
+            patch_size=options["patch_size"],
+            overlap=float(options["overlap"]),
+            mirror_axes=MIRROR_AXES if options["mirror"] else (),
+            batch_size=int(options["batch_size"]),
+            device=options["device"],
+            max_detections=int(options["max_detections"]),
+            nms_iou=float(options["nms_iou"]),
+            score_threshold=float(options["score_threshold"]),
+        )
+        boxes = map_boxes_to_original(result["boxes"], meta)
+        write_json(
+            out_dir / f"{case}.json",
+            {
+                "boxes": boxes.tolist(),
+                "scores": result["scores"].tolist(),
+                "labels": result["labels"].tolist(),
+                "world_centres": world_centres(boxes, meta).tolist(),
+            },
+        )
