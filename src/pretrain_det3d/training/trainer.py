@@ -26,6 +26,8 @@ import logging
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,36 @@ LOG_NAME = "log.csv"
 RUNNING_LOG_SUFFIX = ".running"  # the log grows here during training; the named log appears whole at the end
 GRAD_CLIP_NORM = 12.0
 CHECKPOINT_FORMAT = 1
+#: signals that end a run early with a checkpoint: SLURM sends SIGTERM at the time limit or on preemption, and
+#: SIGUSR1 ahead of it when asked (profiles/slurm: --signal=USR1@600)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingInterrupted(RuntimeError):
+    """A stop signal arrived; the run saved ``checkpoint_latest.pth`` and resumes from it when started again."""
+
+
+@contextlib.contextmanager
+def stop_requests(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[threading.Event]:
+    """Turn the given signals into a flag the training loop polls between iterations (main thread only).
+
+    An iteration in flight finishes first, so the checkpoint written afterwards is consistent.
+    """
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        LOGGER.warning("received %s: stopping after this iteration and saving a checkpoint", signal.Signals(signum).name)
+        requested.set()
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield requested
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 @dataclass(frozen=True)
@@ -382,11 +414,18 @@ class IterationTrainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.load_checkpoint()
         self.log.start(self.iteration)
-        try:
-            if self.iteration < end:
-                self._loop(end)
-        finally:
-            self.log.close()
+        with stop_requests() as stop:
+            try:
+                if self.iteration < end:
+                    self._loop(end, stop)
+            finally:
+                self.log.close()
+            if stop.is_set():
+                self.save_checkpoint()
+                raise TrainingInterrupted(
+                    f"stopped by a signal at iteration {self.iteration}/{total}; {self.checkpoint_path} holds the "
+                    "state and a rerun resumes from it"
+                )
         if self.iteration < total:
             self.save_checkpoint()  # paused on purpose
             return
@@ -395,12 +434,12 @@ class IterationTrainer:
         if not self.settings.keep_latest_checkpoint:
             self.checkpoint_path.unlink(missing_ok=True)
 
-    def _loop(self, end: int) -> None:
+    def _loop(self, end: int, stop: threading.Event | None = None) -> None:
         batches: Iterator[dict[str, Any]] = iter(self.build_batches(self.iteration))
         progress = tqdm(total=self.settings.iterations, initial=self.iteration, desc=type(self).__name__,
                         disable=not self.settings.progress_bar, dynamic_ncols=True)
         try:
-            while self.iteration < end:
+            while self.iteration < end and not (stop is not None and stop.is_set()):
                 started = time.perf_counter()
                 lr = self.schedule.apply(self.optimizer, self.iteration)
                 batch = move_to_device(next(batches), self.device)
