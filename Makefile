@@ -18,9 +18,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-## The built-in synthetic demo study (CPU, minutes): tables in results/tables, figures in results/figures.
+## The built-in synthetic demo study (CPU, minutes): tables in results/tables, figures in results/figures,
+## everything in the HTML report results/report.html.
 demo: install
 	$(RUN) snakemake --cores $(CORES)
+	$(RUN) snakemake --report results/report.html
+
+## The HTML report of whatever the workflow has produced so far.
+report: install
+	$(RUN) snakemake --report results/report.html
 
 ## The whole test suite, including an end-to-end run of the smoke study.
 test: install
