@@ -1,6 +1,6 @@
 # The study "The Missing Piece: A Case for Pre-Training in 3D Medical Object Detection" as one DAG.
 # Thin entry point: rules live in workflow/rules/, logic in the pretrain_det3d package.
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("8.20")
 
@@ -8,9 +8,7 @@ min_version("8.20")
 configfile: "config/config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
-
-
+# common.smk validates the config (schema, then names) before any rule is defined
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"

@@ -78,3 +78,33 @@ def test_scratch_needs_no_pretraining(tmp_path, snakemake_runner):
     counts = job_counts(result.stdout)
     assert "pretrain" not in counts and "synthesize_corpus" not in counts
     assert counts["finetune"] == 1
+
+
+def test_target_path_schedules_only_its_chain(tmp_path, snakemake_runner):
+    result = snakemake_runner(tmp_path, "-n", "results/metrics/retina_unet/mae/smoke_lesions/fold1.json")
+    counts = job_counts(result.stdout)
+    assert counts["finetune"] == counts["predict"] == counts["evaluate"] == counts["pretrain"] == 1
+    assert "aggregate" not in counts and "plot_ap_by_init" not in counts
+    assert "results/finetune/retina_unet/mae/smoke_lesions/fold1/model_final.pth" in result.stdout
+    assert "fold0" not in result.stdout
+
+
+def test_config_subset_schedules_only_the_subset(tmp_path, snakemake_runner):
+    subset = "study={datasets: [smoke_lesions], detectors: [retina_unet], initialisations: [scratch], folds: [1], num_folds: 2}"
+    result = snakemake_runner(tmp_path, "-n", "--config", subset)
+    counts = job_counts(result.stdout)
+    assert counts["finetune"] == 1 and "pretrain" not in counts
+    assert "results/finetune/retina_unet/scratch/smoke_lesions/fold1/model_final.pth" in result.stdout
+
+
+def test_published_checkpoint_replaces_pretraining(tmp_path, snakemake_runner):
+    config = yaml.safe_load(SMOKE_CONFIG.read_text())
+    config["pretraining"]["published"] = {"authors_mae": {"url": "http://127.0.0.1:9/checkpoint_final.pth", "sha256": None}}
+    config["study"]["initialisations"] = ["scratch", "authors_mae"]
+    path = tmp_path / "published.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = snakemake_runner(tmp_path, "-n", configfile=path)
+    counts = job_counts(result.stdout)
+    assert counts["fetch_published_checkpoint"] == 1 and "pretrain" not in counts
+    assert counts["finetune"] == 2 * len(config["study"]["folds"])
+    assert "results/pretrain/authors_mae/checkpoint_final.pth" in result.stdout

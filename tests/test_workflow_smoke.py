@@ -73,3 +73,28 @@ def test_second_run_has_nothing_to_do(smoke_run):
 
     result = run_snakemake(smoke_run, "-n")
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_replotting_a_figure_touches_no_training(smoke_run):
+    from conftest import run_snakemake
+
+    result = run_snakemake(smoke_run, "-n", "--forcerun", "plot_ap_by_init", "results/figures/ap_by_init.pdf")
+    output = result.stdout
+    assert "plot_ap_by_init" in output
+    for rule in ("finetune", "pretrain", "predict", "evaluate", "preprocess_dataset"):
+        assert f"rule {rule}:" not in output, rule
+
+
+def test_changed_method_parameter_reruns_only_its_descendants(smoke_run, tmp_path):
+    from conftest import run_snakemake
+
+    config = yaml.safe_load(SMOKE_CONFIG.read_text())
+    config["pretraining"]["methods"]["mae"]["mask_ratio"] = 0.6
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    result = run_snakemake(smoke_run, "-n", configfile=changed)
+    output = result.stdout
+    assert "rule pretrain:" in output
+    assert "results/finetune/retina_unet/mae/" in output
+    assert "results/finetune/retina_unet/scratch/" not in output
+    assert "rule preprocess_dataset:" not in output and "rule synthesize_corpus:" not in output

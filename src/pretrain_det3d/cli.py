@@ -108,6 +108,12 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     run_pretraining(args.corpus, args.method, {"threads": args.threads, **args.settings}, args.out, args.seed)
 
 
+def cmd_fetch_checkpoint(args: argparse.Namespace) -> None:
+    from pretrain_det3d.models.published import fetch_published_checkpoint
+
+    fetch_published_checkpoint(args.entry, args.out, where=f"pretraining.published.{args.name}")
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
     from pretrain_det3d.training.finetune import run_finetuning
 
@@ -143,6 +149,27 @@ def cmd_plot_ap_by_init(args: argparse.Namespace) -> None:
     from pretrain_det3d.analysis.figures import plot_ap_by_init
 
     plot_ap_by_init(args.runs_csv, args.out_png, args.out_pdf)
+
+
+def _study_inputs(args: argparse.Namespace):
+    from pretrain_det3d.analysis.outputs import StudyInputs
+
+    return StudyInputs(runs_csv=args.runs_csv, metrics_root=args.metrics_root,
+                       predictions_root=args.predictions_root, converted_root=args.converted_root)
+
+
+def cmd_figure(args: argparse.Namespace) -> None:
+    from pretrain_det3d.analysis.outputs import make_figure
+
+    make_figure(args.name, _study_inputs(args), args.out_png, args.out_pdf, args.settings)
+
+
+def cmd_table(args: argparse.Namespace) -> None:
+    from pretrain_det3d.analysis.outputs import make_table
+
+    out_paths = {key: value for key, value in (("csv", args.out_csv), ("md", args.out_md), ("tex", args.out_tex))
+                 if value is not None}
+    make_table(args.name, _study_inputs(args), out_paths, args.settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
 
+    p = verb("fetch-checkpoint", cmd_fetch_checkpoint, "download or copy a published checkpoint and verify it")
+    p.add_argument("--entry", type=_settings, required=True, help="the published entry: {url|path, sha256}")
+    p.add_argument("--name", default="checkpoint", help="its name in the config (for messages)")
+    p.add_argument("--out", type=Path, required=True)
+
     p = verb("finetune", cmd_finetune, "fine-tune a detector on one fold")
     p.add_argument("--preprocessed", type=Path, required=True)
     p.add_argument("--fold", type=int, required=True)
@@ -242,6 +274,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-csv", type=Path, required=True)
     p.add_argument("--out-png", type=Path, required=True)
     p.add_argument("--out-pdf", type=Path, required=True)
+
+    def study_inputs(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--name", required=True, help="registered name (analysis.outputs FIGURES / TABLES)")
+        sub.add_argument("--runs-csv", type=Path, default=None, help="per-run table (results/tables/runs.csv)")
+        sub.add_argument("--metrics-root", type=Path, default=None, help="results/metrics")
+        sub.add_argument("--predictions-root", type=Path, default=None, help="results/predictions")
+        sub.add_argument("--converted-root", type=Path, default=None, help="{data}/converted")
+        sub.add_argument("--settings", type=_settings, default={},
+                         help="statistics: n_resamples, seed, alpha, confidence, test, metric")
+
+    p = verb("figure", cmd_figure, "draw one registered figure of the report (PNG + PDF)")
+    study_inputs(p)
+    p.add_argument("--out-png", type=Path, required=True)
+    p.add_argument("--out-pdf", type=Path, required=True)
+
+    p = verb("table", cmd_table, "write one registered table of the report (CSV, Markdown, LaTeX)")
+    study_inputs(p)
+    p.add_argument("--out-csv", type=Path, default=None)
+    p.add_argument("--out-md", type=Path, default=None)
+    p.add_argument("--out-tex", type=Path, default=None)
     return parser
 
 

@@ -27,6 +27,32 @@ def _known(names) -> str:
     return ", ".join(sorted(names)) or "none"
 
 
+def _as_int(value: Any) -> Any:
+    return int(value) if isinstance(value, str) and value.strip().lstrip("-").isdigit() else value
+
+
+def coerce_command_line_types(config: dict[str, Any]) -> None:
+    """Make integer fields given on Snakemake's command line integers again, in place.
+
+    ``snakemake --config study='{folds: [0], num_folds: 5}'`` parses nested values with YAML's BaseLoader, so
+    every leaf arrives as a string; the study's fold numbers and the seed are the integer fields a user
+    overrides that way.
+
+    Example:
+        >>> cfg = {"seed": "3", "study": {"folds": ["0", "1"], "num_folds": "5"}}
+        >>> coerce_command_line_types(cfg); cfg
+        {'seed': 3, 'study': {'folds': [0, 1], 'num_folds': 5}}
+    """
+    if "seed" in config:
+        config["seed"] = _as_int(config["seed"])
+    study = config.get("study")
+    if isinstance(study, dict):
+        if isinstance(study.get("folds"), list):
+            study["folds"] = [_as_int(f) for f in study["folds"]]
+        if "num_folds" in study:
+            study["num_folds"] = _as_int(study["num_folds"])
+
+
 def detector_class_name(config: dict[str, Any], arch: str) -> str:
     """The registered detector behind config entry ``detectors.<arch>`` (``detector:`` or the key itself)."""
     return str(config["detectors"][arch].get("detector", arch))
@@ -75,14 +101,23 @@ def validate_config(config: dict[str, Any]) -> None:
                 f"config key 'detectors.{arch}': no registered detector {cls!r}; registered: {_known(catalog.DETECTOR_MODULES)}"
             )
 
-    methods = config.get("pretraining", {}).get("methods", {})
+    methods = config.get("pretraining", {}).get("methods", {}) or {}
+    published = config.get("pretraining", {}).get("published", {}) or {}
+    for name in sorted(set(methods) & set(published)):
+        raise ConfigError(
+            f"config key 'pretraining.published.{name}': the name is also a method under 'pretraining.methods'"
+        )
+    for name, entry in published.items():
+        if bool(entry.get("url")) == bool(entry.get("path")):
+            raise ConfigError(f"config key 'pretraining.published.{name}': give exactly one of 'url' and 'path'")
     for i, init in enumerate(study["initialisations"]):
-        if init == catalog.SCRATCH:
+        if init == catalog.SCRATCH or init in published:
             continue
         if init not in methods:
             raise ConfigError(
-                f"config key 'study.initialisations[{i}]': unknown initialisation {init!r}; "
-                f"use 'scratch' or a method defined under 'pretraining.methods': {_known(methods)}"
+                f"config key 'study.initialisations[{i}]': unknown initialisation {init!r}; use 'scratch', a method "
+                f"under 'pretraining.methods' ({_known(methods)}) or a checkpoint under 'pretraining.published' "
+                f"({_known(published)})"
             )
     for init in methods:
         cls = method_class_name(config, init)

@@ -1,10 +1,11 @@
 # Config helpers, targets and wildcard constraints shared by every rule file.
 import json
+import os
 import re
 import sys
 from pathlib import Path
 
-import os
+from snakemake.utils import validate
 
 # Rules run `python -m pretrain_det3d`; the workflow's own source is importable in every job (local, conda or
 # SLURM, where the Snakefile is parsed again), so a job always runs the code of this checkout.
@@ -14,6 +15,7 @@ os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("P
 
 from pretrain_det3d.config import (
     ConfigError,
+    coerce_command_line_types,
     converted_datasets,
     synthetic_datasets,
     finetuning_settings,
@@ -22,6 +24,10 @@ from pretrain_det3d.config import (
     validate_config,
 )
 
+# `--config study='{folds: [0], ...}'` arrives as strings (Snakemake parses nested values with YAML's
+# BaseLoader); turn digit strings of integer fields back into numbers before the schema sees them.
+coerce_command_line_types(config)
+validate(config, str(Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"))
 try:
     validate_config(config)
 except ConfigError as error:
@@ -50,6 +56,9 @@ def one_of(names):
 SYNTHETIC_DATASETS = one_of(synthetic_datasets(config))
 CONVERTED_DATASETS = one_of(converted_datasets(config))
 SOURCES = config.get("sources", {}) or {}
+PUBLISHED = config["pretraining"].get("published", {}) or {}
+PRETRAINING_METHODS = one_of(list(config["pretraining"]["methods"]))
+PUBLISHED_CHECKPOINTS = one_of(list(PUBLISHED))
 
 
 def dataset_source(wildcards):

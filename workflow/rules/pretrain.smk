@@ -7,6 +7,8 @@ rule pretrain:
         cases=f"{DATA}/preprocessed_corpus/{CORPUS}/cases",
     output:
         "results/pretrain/{method}/checkpoint_final.pth",
+    wildcard_constraints:
+        method=PRETRAINING_METHODS,
     params:
         corpus=lambda w, input: str(Path(input.plan).parent),
         method_class=lambda w: config["pretraining"]["methods"][w.method].get("method", w.method),
@@ -24,3 +26,24 @@ rule pretrain:
     shell:
         "python -m pretrain_det3d pretrain --corpus {params.corpus} --method {params.method_class} --settings {params.settings:q} "
         "--out {output} --seed {params.seed} --threads {threads} > {log} 2>&1"
+
+
+rule fetch_published_checkpoint:
+    output:
+        "results/pretrain/{method}/checkpoint_final.pth",
+    wildcard_constraints:
+        method=PUBLISHED_CHECKPOINTS,
+    params:
+        entry=lambda w: as_json(PUBLISHED[w.method]),
+    log:
+        "results/logs/fetch_published_checkpoint/{method}.log",
+    benchmark:
+        "results/benchmarks/fetch_published_checkpoint/{method}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("fetch_published_checkpoint")
+    resources:
+        **rule_resources("fetch_published_checkpoint"),
+    shell:
+        "python -m pretrain_det3d fetch-checkpoint --entry {params.entry:q} --name {wildcards.method} "
+        "--out {output} > {log} 2>&1"

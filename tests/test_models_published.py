@@ -1,0 +1,86 @@
+"""Published checkpoints: fetched over HTTP (loopback) or copied, hash-checked, schema-checked, atomic."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain_det3d.models.backbone import build_resenc_unet
+from pretrain_det3d.models.checkpoint import read_pretraining_checkpoint, save_pretraining_checkpoint
+from pretrain_det3d.models.published import PublishedCheckpointError, fetch_published_checkpoint
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A directory with a real nnssl checkpoint and a non-checkpoint file, served on 127.0.0.1."""
+    root = tmp_path_factory.mktemp("served")
+    network = build_resenc_unet("resenc_demo", 1, 1)
+    save_pretraining_checkpoint(root / "checkpoint_final.pth", network, "resenc_demo", 1, [32, 32, 32], "mae")
+    torch.save({"state_dict": network.state_dict()}, root / "not_nnssl.pth")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_download_with_matching_hash(served, tmp_path):
+    root, url = served
+    out = tmp_path / "mae_published" / "checkpoint_final.pth"
+    entry = {"url": f"{url}/checkpoint_final.pth", "sha256": sha256(root / "checkpoint_final.pth")}
+    fetch_published_checkpoint(entry, out)
+    assert out.read_bytes() == (root / "checkpoint_final.pth").read_bytes()
+    weights, plan = read_pretraining_checkpoint(out)
+    assert plan["key_to_encoder"] == "encoder.stages"
+    record = json.loads((out.parent / "checkpoint_final.sha256.json").read_text())
+    assert record == {"sha256": entry["sha256"], "verified": True, "source": entry["url"]}
+
+
+def test_unpinned_hash_is_recorded(served, tmp_path):
+    root, url = served
+    out = tmp_path / "checkpoint_final.pth"
+    fetch_published_checkpoint({"url": f"{url}/checkpoint_final.pth", "sha256": None}, out)
+    record = json.loads((tmp_path / "checkpoint_final.sha256.json").read_text())
+    assert record["sha256"] == sha256(root / "checkpoint_final.pth") and record["verified"] is False
+
+
+def test_hash_mismatch_leaves_nothing(served, tmp_path):
+    _, url = served
+    out = tmp_path / "checkpoint_final.pth"
+    with pytest.raises(Exception, match="(?i)sha256|checksum"):
+        fetch_published_checkpoint({"url": f"{url}/checkpoint_final.pth", "sha256": "0" * 64}, out)
+    assert not out.exists()
+
+
+def test_file_without_nnssl_schema_is_refused(served, tmp_path):
+    root, _ = served
+    out = tmp_path / "checkpoint_final.pth"
+    with pytest.raises(PublishedCheckpointError, match="not_nnssl.pth.*nnssl"):
+        fetch_published_checkpoint({"path": str(root / "not_nnssl.pth")}, out)
+    assert not out.exists()
+
+
+def test_local_copy_with_wrong_hash(served, tmp_path):
+    root, _ = served
+    with pytest.raises(PublishedCheckpointError, match="sha256"):
+        fetch_published_checkpoint({"path": str(root / "checkpoint_final.pth"), "sha256": "ab" * 32},
+                                   tmp_path / "c.pth", where="pretraining.published.x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_entry_needs_exactly_one_location(tmp_path):
+    with pytest.raises(PublishedCheckpointError, match="exactly one"):
+        fetch_published_checkpoint({"url": "http://127.0.0.1:9/x", "path": "/x"}, tmp_path / "c.pth")
