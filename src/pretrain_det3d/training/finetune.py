@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pretrain_det3d.training.dataloader import load_case_records
+from pretrain_det3d.training.staging import staged_cases
 from pretrain_det3d.training.trainer import DetectorTrainer, TrainingSettings, seed_everything
 
 LOGGER = logging.getLogger(__name__)
@@ -87,15 +89,19 @@ def run_finetuning(
                     report.skipped_keys, report.adapted_keys)
         extra["transfer_report"] = counts
 
-    trainer = DetectorTrainer(
-        model,
-        detector=detector,
-        settings=training,
-        records=load_case_records(root, train_cases),
-        out_dir=out_dir,
-        seed=seed,
-        log_path=log_path,
-        extra=extra,
-    )
-    trainer.run()
+    with contextlib.ExitStack() as stack:
+        data_root = root
+        if settings.get("stage_to_local", False):
+            data_root = stack.enter_context(staged_cases(root, train_cases, settings.get("stage_dir")))
+        trainer = DetectorTrainer(
+            model,
+            detector=detector,
+            settings=training,
+            records=load_case_records(data_root, train_cases),
+            out_dir=out_dir,
+            seed=seed,
+            log_path=log_path,
+            extra=extra,
+        )
+        trainer.run()
     return out_dir / "model_final.pth"
