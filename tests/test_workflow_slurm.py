@@ -44,6 +44,8 @@ def test_smoke_study_runs_through_slurm(tmp_path, slurm_cluster):
         "--slurm-status-command", "squeue",
         "--slurm-init-seconds-before-status-checks", "1",
         "--latency-wait", "5",
+        "--slurm-logdir", str(tmp_path / "slurm_logs"),
+        "--slurm-keep-successful-logs",
         "--jobs", "4",
         timeout=1500,
     )
@@ -52,7 +54,10 @@ def test_smoke_study_runs_through_slurm(tmp_path, slurm_cluster):
     assert job_ids, f"no SLURM job ids in the Snakemake log:\n{output[-3000:]}"
     assert (tmp_path / "results/tables/main_results.csv").stat().st_size > 0
     assert (tmp_path / "results/figures/ap_by_init.png").stat().st_size > 0
-    slurm_logs = list((tmp_path / ".snakemake" / "slurm_logs").rglob("*.log"))
+    slurm_logs = list((tmp_path / "slurm_logs").rglob("*.log"))
     assert slurm_logs, "the SLURM executor wrote no job logs"
-    # every training job ran under SLURM: its SLURM log names the rule
-    assert any("finetune" in str(path) for path in slurm_logs)
+    # the heavy rules ran as SLURM jobs (the plugin files logs per rule, named by job id); light ones stayed local
+    logged_rules = {path.relative_to(tmp_path / "slurm_logs").parts[0].removeprefix("rule_") for path in slurm_logs}
+    assert {"pretrain", "finetune", "predict", "evaluate"} <= logged_rules, logged_rules
+    assert not {"aggregate", "plot_ap_by_init", "check_dataset"} & logged_rules
+    assert {path.stem for path in slurm_logs} <= job_ids
