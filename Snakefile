@@ -5,7 +5,11 @@ from snakemake.utils import min_version
 min_version("8.20")
 
 
-configfile: "config/config.yaml"
+# The built-in demo study, unless --configfile names a study of its own (then that file alone is the config,
+# not merged over the demo's keys).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 # common.smk validates the config (schema, then names) before any rule is defined

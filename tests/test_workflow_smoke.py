@@ -61,11 +61,15 @@ def test_table_has_one_row_per_run_group(smoke_run):
         assert abs(row[f"{MAIN_METRIC}_mean"] - group["value"].mean()) < 1e-9
 
 
-def test_pretraining_checkpoint_is_nnssl_schema(smoke_run):
-    checkpoint = torch.load(smoke_run / "results/pretrain/mae/checkpoint_final.pth", weights_only=True)
+@pytest.mark.parametrize("method", ["mae", "spark3d", "models_genesis", "voco", "multitalent"])
+def test_pretraining_checkpoint_is_nnssl_schema(smoke_run, method):
+    checkpoint = torch.load(smoke_run / f"results/pretrain/{method}/checkpoint_final.pth", weights_only=True)
     plan = checkpoint["nnssl_adaptation_plan"]
     assert plan["key_to_encoder"] == "encoder.stages" and plan["key_to_stem"] == "encoder.stem"
     assert any(k.startswith("encoder.stages.") for k in checkpoint["network_weights"])
+    model = torch.load(smoke_run / f"results/finetune/retina_unet/{method}/smoke_lesions/fold0/model_final.pth",
+                       weights_only=True)
+    assert model["transfer_report"]["loaded"] > 0
 
 
 def test_second_run_has_nothing_to_do(smoke_run):

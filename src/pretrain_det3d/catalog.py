@@ -19,6 +19,10 @@ DETECTOR_MODULES: dict[str, str] = {
 #: pre-training method name -> module whose import registers it in ``pretraining.METHODS``
 PRETRAINING_MODULES: dict[str, str] = {
     "mae": "pretrain_det3d.pretraining.mae",
+    "spark3d": "pretrain_det3d.pretraining.spark3d",
+    "models_genesis": "pretrain_det3d.pretraining.models_genesis",
+    "voco": "pretrain_det3d.pretraining.voco",
+    "multitalent": "pretrain_det3d.pretraining.multitalent",
 }
 
 #: backbone preset names registered in ``models.backbone.BACKBONE_PRESETS``

@@ -44,10 +44,22 @@ def _validation_cases(splits_path: Path, fold: int) -> list[str]:
     return list(splits[fold]["val"])
 
 
-def cmd_synthesize_dataset(args: argparse.Namespace) -> None:
-    from pretrain_det3d.data.synthetic import write_synthetic_dataset
+#: synthetic dataset kinds (``synthetic.kind`` in the config) -> "module:function" writing one in the converted format
+SYNTHETIC_KINDS = {
+    "lesions": "pretrain_det3d.data.synthetic:write_synthetic_dataset",  # detection datasets (the default)
+    "organs": "pretrain_det3d.pretraining.multitalent:write_synthetic_organ_dataset",  # segmentation, for multitalent
+}
 
-    write_synthetic_dataset(args.out, args.name, args.settings, args.seed)
+
+def cmd_synthesize_dataset(args: argparse.Namespace) -> None:
+    import importlib
+
+    settings = dict(args.settings)
+    kind = settings.pop("kind", "lesions")
+    if kind not in SYNTHETIC_KINDS:
+        raise ValueError(f"synthetic settings key 'kind': unknown kind {kind!r}; known: {sorted(SYNTHETIC_KINDS)}")
+    module, function = SYNTHETIC_KINDS[kind].split(":")
+    getattr(importlib.import_module(module), function)(args.out, args.name, settings, args.seed)
 
 
 def cmd_synthesize_corpus(args: argparse.Namespace) -> None:
@@ -172,6 +184,25 @@ def cmd_table(args: argparse.Namespace) -> None:
     make_table(args.name, _study_inputs(args), out_paths, args.settings)
 
 
+def cmd_benchmark(args: argparse.Namespace) -> None:
+    from pretrain_det3d.benchmark import format_table, run_benchmark
+    from pretrain_det3d.benchmark.run import settings_from_study_config
+
+    settings: dict[str, Any] = {}
+    if args.from_config is not None:
+        settings.update(settings_from_study_config(args.from_config, args.detector or "retina_unet"))
+    elif args.detector is not None:
+        settings["detector"] = args.detector
+    for key in ("preset", "patch_size", "batch_size", "num_workers", "device", "threads"):
+        value = getattr(args, key)
+        if value is not None:
+            settings[key] = value[0] if key == "patch_size" and len(value) == 1 else value
+    for key, value in args.settings.items():  # nested dicts (training, detector_settings) merge
+        settings[key] = {**settings[key], **value} if isinstance(value, dict) and isinstance(settings.get(key), dict) else value
+    record = run_benchmark(settings, args.out)
+    print(format_table(record))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pretrain_det3d", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -294,6 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-csv", type=Path, default=None)
     p.add_argument("--out-md", type=Path, default=None)
     p.add_argument("--out-tex", type=Path, default=None)
+    p = verb("benchmark", cmd_benchmark, "measure training, loading, inference and evaluation throughput")
+    p.add_argument("--detector", default=None, help="registered detector (default retina_unet)")
+    p.add_argument("--from-config", type=Path, default=None,
+                   help="study config whose detectors.<detector> entry and backbone give the defaults")
+    p.add_argument("--preset", default=None, help="backbone preset, e.g. resenc_demo, resenc_l")
+    p.add_argument("--patch-size", type=int, nargs="+", default=None, help="one edge or z y x")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--num-workers", type=int, default=None, help="data-loader processes")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda[:i]")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--settings", type=_settings, default={}, help="further BenchmarkSettings as JSON")
+    p.add_argument("--out", type=Path, default=None, help="JSON record (written atomically)")
     return parser
 
 

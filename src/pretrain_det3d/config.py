@@ -119,6 +119,14 @@ def validate_config(config: dict[str, Any]) -> None:
                 f"under 'pretraining.methods' ({_known(methods)}) or a checkpoint under 'pretraining.published' "
                 f"({_known(published)})"
             )
+    for init, entry in methods.items():
+        for j, labelled in enumerate(entry.get("datasets") or []):
+            name = labelled.get("dataset") if isinstance(labelled, dict) else None
+            if name not in datasets:
+                raise ConfigError(
+                    f"config key 'pretraining.methods.{init}.datasets[{j}].dataset': unknown dataset {name!r}; "
+                    f"defined under 'datasets': {_known(datasets)}"
+                )
     for init in methods:
         cls = method_class_name(config, init)
         if cls not in catalog.PRETRAINING_MODULES:
@@ -147,10 +155,26 @@ def converted_datasets(config: dict[str, Any]) -> list[str]:
     return [name for name, entry in config.get("datasets", {}).items() if entry.get("source") != catalog.SYNTHETIC_SOURCE]
 
 
+def pretraining_datasets(config: dict[str, Any], init: str) -> list[str]:
+    """Labelled datasets a supervised pre-training method (``datasets:`` in its entry) learns from."""
+    return [d["dataset"] for d in config["pretraining"]["methods"][init].get("datasets") or []]
+
+
 def pretraining_settings(config: dict[str, Any], init: str) -> dict[str, Any]:
-    """Settings handed to ``pretraining.run_pretraining`` for initialisation ``init``."""
+    """Settings handed to ``pretraining.run_pretraining`` for initialisation ``init``.
+
+    Labelled pre-training datasets are named by their ``datasets:`` key in the config; the package receives
+    each as ``{name, root, classes}`` with ``root`` the preprocessed folder.
+    """
     entry = dict(config["pretraining"]["methods"][init])
     entry.pop("method", None)
+    if entry.get("datasets"):
+        data_dir = config.get("data_dir", "results/data")
+        entry["datasets"] = [
+            {"name": d["dataset"], "root": f"{data_dir}/preprocessed/{d['dataset']}",
+             **({"classes": d["classes"]} if d.get("classes") else {})}
+            for d in entry["datasets"]
+        ]
     return {"preset": config["backbone"], **entry}
 
 

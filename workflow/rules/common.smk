@@ -19,6 +19,7 @@ from pretrain_det3d.config import (
     converted_datasets,
     synthetic_datasets,
     finetuning_settings,
+    pretraining_datasets,
     inference_settings,
     pretraining_settings,
     validate_config,
@@ -83,6 +84,17 @@ def rule_resources(rule_name):
     merged = {**defaults, **resources.get("default", {}), **resources.get(rule_name, {})}
     merged.pop("threads", None)
     return merged
+
+
+def pretraining_inputs(wildcards):
+    """The unlabelled corpus, or the preprocessed labelled datasets of a supervised method (multitalent)."""
+    labelled = pretraining_datasets(config, wildcards.method)
+    if labelled:
+        return {"plans": [f"{DATA}/preprocessed/{d}/plan.json" for d in labelled]}
+    return {
+        "plans": [f"{DATA}/preprocessed_corpus/{CORPUS}/plan.json"],
+        "cases": f"{DATA}/preprocessed_corpus/{CORPUS}/cases",
+    }
 
 
 def init_checkpoint(wildcards):

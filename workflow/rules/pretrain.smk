@@ -3,14 +3,13 @@
 
 rule pretrain:
     input:
-        plan=f"{DATA}/preprocessed_corpus/{CORPUS}/plan.json",
-        cases=f"{DATA}/preprocessed_corpus/{CORPUS}/cases",
+        unpack(pretraining_inputs),
     output:
         "results/pretrain/{method}/checkpoint_final.pth",
     wildcard_constraints:
         method=PRETRAINING_METHODS,
     params:
-        corpus=lambda w, input: str(Path(input.plan).parent),
+        corpus=lambda w, input: str(Path(input.plans[0]).parent),
         method_class=lambda w: config["pretraining"]["methods"][w.method].get("method", w.method),
         settings=lambda w: as_json(pretraining_settings(config, w.method)),
         seed=config["seed"],

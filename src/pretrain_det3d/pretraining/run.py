@@ -6,15 +6,12 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
-
 from pretrain_det3d.pretraining.trainer import METHODS
-from pretrain_det3d.training.dataloader import list_corpus_cases, load_case_records
 from pretrain_det3d.training.trainer import seed_everything
 
 
 def run_pretraining(
-    corpus_root: str | os.PathLike,
+    corpus_root: str | os.PathLike | None,
     method: str,
     settings: Mapping[str, Any],
     out_path: str | os.PathLike,
@@ -23,12 +20,15 @@ def run_pretraining(
 ) -> Path:
     """Pre-train ``method`` on the volumes of ``{corpus_root}/cases/*.npy`` and write ``out_path``.
 
+    A method may read other data instead (its ``load_corpus``): ``multitalent`` trains on the labelled,
+    preprocessed datasets listed in ``settings["datasets"]`` and ignores ``corpus_root`` (may be ``None``).
+
     ``out_path`` receives an nnssl-format checkpoint (pre-training patch size included); the run keeps
     ``checkpoint_latest.pth`` beside it while training and resumes from it when rerun. ``log_path`` defaults
     to ``log.csv`` beside ``out_path``. Settings: ``preset``, ``iterations``, ``batch_size``, ``patch_size``,
     ``optimizer`` / ``lr`` / ``momentum`` / ``weight_decay`` (default nnssl's SGD, Nesterov 0.99, 1e-2, 3e-5),
     ``warmup_iterations``, ``checkpoint_every``, ``num_workers``, ``augmentation``, ``device``, ``threads``,
-    and the method's own keys (``mae``: ``mask_ratio``, ``mask_block``).
+    and the method's own keys (``mae``: ``mask_ratio``, ``mask_block``; see each method's module).
 
     Example:
         >>> run_pretraining("results/data/preprocessed_corpus/synthetic", "mae",
@@ -36,13 +36,10 @@ def run_pretraining(
         ...                 "results/pretrain/mae/checkpoint_final.pth", seed=0)  # doctest: +SKIP
     """
     trainer_class = METHODS.get(method)
-    cases = list_corpus_cases(corpus_root)
-    records = load_case_records(corpus_root, cases, with_labels=False)
-    first = np.load(records[0].image_path, mmap_mode="r")
-    if first.ndim != 4:
-        raise ValueError(f"{records[0].image_path}: expected a [C, Z, Y, X] array, got shape {first.shape}")
+    # the method decides what it trains on: the unlabelled corpus, or (multitalent) datasets in its settings
+    records, in_channels = trainer_class.load_corpus(corpus_root, settings)
     seed_everything(seed)  # the network's random initialisation depends on it
-    trainer = trainer_class(dict(settings), records, in_channels=int(first.shape[0]), out_path=out_path,
+    trainer = trainer_class(dict(settings), records, in_channels=in_channels, out_path=out_path,
                             seed=seed, log_path=log_path)
     trainer.run()
     return Path(out_path)

@@ -1,7 +1,8 @@
 """The trainer every pre-training method shares: ``IterationTrainer`` on unlabelled corpus patches.
 
 A method subclasses ``PretrainingTrainer``, registers itself in ``METHODS`` and provides ``build_network``
-(the whole network it trains; its encoder must sit at ``.encoder``) and ``compute_losses``. Optimiser,
+(the whole network it trains; its encoder must sit at ``.encoder``) and ``compute_losses`` (and
+``load_corpus`` when it trains on other data than the unlabelled corpus, as ``multitalent`` does). Optimiser,
 schedule, logging, checkpoints and resume come from ``training.trainer``. The finished network is written in
 nnssl's checkpoint schema, so fine-tuning transfers its stem and encoder like any published checkpoint.
 """
@@ -15,7 +16,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 import torch
 
-from pretrain_det3d.training.dataloader import CaseRecord
+from pretrain_det3d.training.dataloader import CaseRecord, list_corpus_cases, load_case_records
 from pretrain_det3d.training.trainer import IterationTrainer, TrainingSettings
 from pretrain_det3d.utils.registry import Registry
 
@@ -60,6 +61,24 @@ class PretrainingTrainer(IterationTrainer):
         training = TrainingSettings.from_settings(settings, **self.training_defaults)
         network = self.build_network()
         super().__init__(network, training, records, self.out_path.parent, seed, log_path)
+
+    @classmethod
+    def load_corpus(
+        cls, corpus_root: str | os.PathLike | None, settings: Mapping[str, Any]
+    ) -> tuple[list[CaseRecord], int]:
+        """The records the method trains on and their number of input channels.
+
+        Default: the unlabelled volumes ``{corpus_root}/cases/*.npy``. A method that trains on other data
+        (``multitalent``: labelled datasets named in its settings) overrides this.
+        """
+        if corpus_root is None:
+            raise ValueError(f"pre-training method {cls.method!r} needs a preprocessed corpus (corpus_root)")
+        cases = list_corpus_cases(corpus_root)
+        records = load_case_records(corpus_root, cases, with_labels=False)
+        first = np.load(records[0].image_path, mmap_mode="r")
+        if first.ndim != 4:
+            raise ValueError(f"{records[0].image_path}: expected a [C, Z, Y, X] array, got shape {first.shape}")
+        return records, int(first.shape[0])
 
     def build_network(self) -> torch.nn.Module:
         """The network to train (built after seeding, so its initialisation is reproducible)."""
