@@ -85,3 +85,12 @@ def test_unknown_converter_names_the_key():
     config["datasets"]["luna16"]["source"] = "nowhere"
     with pytest.raises(ConfigError, match=r"'datasets.luna16.source'.*nowhere"):
         validate_config(config)
+
+
+def test_catalog_report_outputs_are_registered():
+    from pretrain_det3d.analysis.outputs import FIGURES, TABLES
+
+    assert set(FIGURES.names()) == set(catalog.REPORT_FIGURES)
+    assert set(TABLES.names()) == set(catalog.REPORT_TABLES)
+    for name, formats in catalog.REPORT_TABLES.items():
+        assert TABLES.get(name).formats == formats

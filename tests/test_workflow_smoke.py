@@ -26,9 +26,22 @@ def smoke_run(tmp_path_factory):
 
 
 def test_every_final_output_exists(smoke_run):
-    for path in ["tables/main_results.csv", "tables/main_results.md", "tables/runs.csv",
-                 "figures/ap_by_init.png", "figures/ap_by_init.pdf"]:
+    from pretrain_det3d import catalog
+
+    paths = ["tables/main_results.csv", "tables/main_results.md", "tables/runs.csv"]
+    paths += [f"figures/{name}.{ext}" for name in catalog.REPORT_FIGURES for ext in ("png", "pdf")]
+    paths += [f"tables/{name}.{fmt}" for name, formats in catalog.REPORT_TABLES.items() for fmt in formats]
+    for path in paths:
         assert (smoke_run / "results" / path).stat().st_size > 0, path
+
+
+def test_html_report(smoke_run):
+    from conftest import run_snakemake
+
+    run_snakemake(smoke_run, "--report", "results/report.html")
+    html = (smoke_run / "results/report.html").read_text(errors="replace")
+    for name in ("change_vs_scratch", "froc", "main_results_ranked"):
+        assert name in html
 
 
 def test_metrics_and_predictions_per_run(smoke_run):
@@ -82,9 +95,9 @@ def test_second_run_has_nothing_to_do(smoke_run):
 def test_replotting_a_figure_touches_no_training(smoke_run):
     from conftest import run_snakemake
 
-    result = run_snakemake(smoke_run, "-n", "--forcerun", "plot_ap_by_init", "results/figures/ap_by_init.pdf")
+    result = run_snakemake(smoke_run, "-n", "--forcerun", "figure", "results/figures/froc.pdf")
     output = result.stdout
-    assert "plot_ap_by_init" in output
+    assert "rule figure:" in output and "results/figures/froc.pdf" in output
     for rule in ("finetune", "pretrain", "predict", "evaluate", "preprocess_dataset"):
         assert f"rule {rule}:" not in output, rule
 

@@ -43,6 +43,16 @@ CONVERTER_MODULES: dict[str, str] = {
     "pn9": "pretrain_det3d.data.converters.pn9",
 }
 
+#: figures of the report (``analysis.outputs.FIGURES``): results/figures/{name}.png and .pdf
+REPORT_FIGURES: tuple[str, ...] = ("ap_by_init", "change_vs_scratch", "froc", "rank_distribution", "significance_map")
+
+#: tables of the report (``analysis.outputs.TABLES``) -> the formats each is written in (results/tables/{name}.{fmt})
+REPORT_TABLES: dict[str, tuple[str, ...]] = {
+    "main_results_ranked": ("csv", "md", "tex"),
+    "baseline_tests": ("csv", "md"),
+    "pairwise_tests": ("csv", "md"),
+}
+
 #: the initialisation that needs no pre-training
 SCRATCH = "scratch"
 

@@ -13,6 +13,7 @@ _SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, _SRC)
 os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p))
 
+from pretrain_det3d.catalog import REPORT_FIGURES, REPORT_TABLES
 from pretrain_det3d.config import (
     ConfigError,
     coerce_command_line_types,
@@ -126,12 +127,43 @@ def luna16_exports():
     )
 
 
+def prediction_folders():
+    return expand(
+        "results/predictions/{arch}/{init}/{dataset}/fold{fold}",
+        arch=STUDY["detectors"],
+        init=STUDY["initialisations"],
+        dataset=STUDY["datasets"],
+        fold=STUDY["folds"],
+    )
+
+
+def report_inputs(wildcards):
+    """What every figure and table may read: the run table, the fold metrics, predictions and ground truth."""
+    return {
+        "runs": "results/tables/runs.csv",
+        "metrics": fold_metric_files(),
+        "predictions": prediction_folders(),
+        "converted": expand(f"{DATA}/converted/{{dataset}}", dataset=STUDY["datasets"]),
+    }
+
+
+def report_arguments(wildcards, input):
+    return (
+        f"--runs-csv {input.runs} --metrics-root results/metrics --predictions-root results/predictions "
+        f"--converted-root {DATA}/converted"
+    )
+
+
+def report_outputs():
+    figures = expand("results/figures/{figure}.{ext}", figure=REPORT_FIGURES, ext=("png", "pdf"))
+    tables = [f"results/tables/{name}.{fmt}" for name, formats in REPORT_TABLES.items() for fmt in formats]
+    return figures + tables
+
+
 def final_outputs():
-    return luna16_exports() + [
+    return luna16_exports() + report_outputs() + [
         "results/tables/main_results.csv",
         "results/tables/main_results.md",
-        "results/figures/ap_by_init.png",
-        "results/figures/ap_by_init.pdf",
     ]
 
 
@@ -146,4 +178,6 @@ localrules:
     all,
     check_dataset,
     aggregate,
-    plot_ap_by_init,
+    figure,
+    table,
+    table_with_latex,

@@ -1,4 +1,5 @@
-# Report stage: tables and figures from the metrics; no training job is upstream of a re-plot.
+# Report stage: tables and figures from the metrics and predictions. Nothing upstream of evaluation is an
+# input, so `snakemake results/figures/<name>.pdf` re-draws one figure without any training job.
 
 
 rule aggregate:
@@ -33,24 +34,89 @@ rule aggregate:
         "--runs-csv {output.runs} > {log} 2>&1"
 
 
-rule plot_ap_by_init:
+rule figure:
     input:
-        "results/tables/runs.csv",
+        unpack(report_inputs),
     output:
         png=report(
-            "results/figures/ap_by_init.png",
-            caption="../report/ap_by_init.rst",
+            "results/figures/{figure}.png",
+            caption="../report/{figure}.rst",
             category="Figures",
         ),
-        pdf="results/figures/ap_by_init.pdf",
+        pdf="results/figures/{figure}.pdf",
+    wildcard_constraints:
+        figure=one_of(REPORT_FIGURES),
+    params:
+        inputs=report_arguments,
+        settings=as_json(config.get("statistics", {})),
     log:
-        "results/logs/plot_ap_by_init.log",
+        "results/logs/figure/{figure}.log",
     benchmark:
-        "results/benchmarks/plot_ap_by_init.tsv"
+        "results/benchmarks/figure/{figure}.tsv"
     conda:
         CONDA_ENV
-    threads: rule_threads("plot_ap_by_init")
+    threads: rule_threads("figure")
     resources:
-        **rule_resources("plot_ap_by_init"),
+        **rule_resources("figure"),
     shell:
-        "python -m pretrain_det3d plot-ap-by-init --runs-csv {input} --out-png {output.png} --out-pdf {output.pdf} > {log} 2>&1"
+        "python -m pretrain_det3d figure --name {wildcards.figure} {params.inputs} --settings {params.settings:q} "
+        "--out-png {output.png} --out-pdf {output.pdf} > {log} 2>&1"
+
+
+rule table:
+    input:
+        unpack(report_inputs),
+    output:
+        csv=report(
+            "results/tables/{table}.csv",
+            caption="../report/{table}.rst",
+            category="Tables",
+        ),
+        md="results/tables/{table}.md",
+    wildcard_constraints:
+        table=one_of([t for t, formats in REPORT_TABLES.items() if "tex" not in formats]),
+    params:
+        inputs=report_arguments,
+        settings=as_json(config.get("statistics", {})),
+    log:
+        "results/logs/table/{table}.log",
+    benchmark:
+        "results/benchmarks/table/{table}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("table")
+    resources:
+        **rule_resources("table"),
+    shell:
+        "python -m pretrain_det3d table --name {wildcards.table} {params.inputs} --settings {params.settings:q} "
+        "--out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
+
+
+rule table_with_latex:
+    input:
+        unpack(report_inputs),
+    output:
+        csv=report(
+            "results/tables/{table}.csv",
+            caption="../report/{table}.rst",
+            category="Tables",
+        ),
+        md="results/tables/{table}.md",
+        tex="results/tables/{table}.tex",
+    wildcard_constraints:
+        table=one_of([t for t, formats in REPORT_TABLES.items() if "tex" in formats]),
+    params:
+        inputs=report_arguments,
+        settings=as_json(config.get("statistics", {})),
+    log:
+        "results/logs/table/{table}.log",
+    benchmark:
+        "results/benchmarks/table/{table}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("table")
+    resources:
+        **rule_resources("table"),
+    shell:
+        "python -m pretrain_det3d table --name {wildcards.table} {params.inputs} --settings {params.settings:q} "
+        "--out-csv {output.csv} --out-md {output.md} --out-tex {output.tex} > {log} 2>&1"

@@ -183,3 +183,36 @@ def plot_ap_by_init(runs_csv: str | os.PathLike, out_png: str | os.PathLike, out
             fig.savefig(tmp, format="pdf")
     finally:
         plt.close(fig)
+
+
+def save_figure(fig: matplotlib.figure.Figure, out_png: str | os.PathLike, out_pdf: str | os.PathLike,
+                dpi: int = PNG_DPI) -> None:
+    """Save ``fig`` atomically as PNG (``dpi``) and PDF, then close it (also when saving fails).
+
+    Example:
+        >>> fig, _ = plt.subplots()
+        >>> save_figure(fig, "results/figures/x.png", "results/figures/x.pdf")  # doctest: +SKIP
+    """
+    try:
+        with atomic_path(out_png) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi)
+        with atomic_path(out_pdf) as tmp:
+            fig.savefig(tmp, format="pdf")
+    finally:
+        plt.close(fig)
+
+
+def significance_stars(p_value: float, alpha: float) -> str:
+    """``***`` / ``**`` / ``*`` for p below ``alpha / 50`` / ``alpha / 5`` / ``alpha`` (0.001 / 0.01 / 0.05 at the
+    usual alpha), else an empty string (also for NaN).
+
+    Example:
+        >>> [significance_stars(p, 0.05) for p in (0.0005, 0.005, 0.03, 0.2, float("nan"))]
+        ['***', '**', '*', '', '']
+    """
+    if not p_value == p_value:  # NaN: no test was run
+        return ""
+    for stars, level in (("***", alpha / 50), ("**", alpha / 5), ("*", alpha)):
+        if p_value < level:
+            return stars
+    return ""
