@@ -15,13 +15,6 @@ from pretrain_det3d.inference.sliding_window import predict_case
 from pretrain_det3d.models.registry import build_detector, load_detector, save_detector
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors on a shared CPU: intra-op threads only oversubscribe (measured ~10x slower under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 SETTINGS = {"patch_size": [16, 16, 16], "overlap": 0.5, "mirror": True, "max_detections": 4, "nms_iou": 0.5}

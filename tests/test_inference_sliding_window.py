@@ -18,13 +18,6 @@ from pretrain_det3d.inference.sliding_window import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors on a shared CPU: intra-op threads only oversubscribe (measured ~10x slower under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class FixedBoxDetector(nn.Module):

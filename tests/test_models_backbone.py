@@ -19,13 +19,6 @@ from pretrain_det3d.models.backbone import (
 from pretrain_det3d.utils.registry import UnknownNameError
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors on a shared CPU: intra-op threads only oversubscribe (measured ~10x slower under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _conv_params(c_in: int, c_out: int, kernel: int, bias: bool) -> int:

@@ -15,13 +15,6 @@ from pretrain_det3d.models.checkpoint import (
 from pretrain_det3d.models.registry import build_detector
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors on a shared CPU: intra-op threads only oversubscribe (measured ~10x slower under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 PLAN = {"box_sizes": [[4, 4, 4], [6, 6, 6]]}

@@ -17,13 +17,6 @@ from pretrain_det3d.models.retina_unet import RetinaUNet, _Head
 from pretrain_det3d.utils.registry import UnknownNameError
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors on a shared CPU: intra-op threads only oversubscribe (measured ~10x slower under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 TINY = {"preset": "resenc_demo", "fpn_channels": 8, "head_convs": 1}
