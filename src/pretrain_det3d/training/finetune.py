@@ -65,7 +65,7 @@ def run_finetuning(
     Returns the path of the final model.
     """
     from pretrain_det3d.models.checkpoint import load_pretrained_encoder
-    from pretrain_det3d.models.registry import build_detector
+    from pretrain_det3d.models.registry import build_detector, get_detector_class
 
     root = Path(preprocessed_root)
     out_dir = Path(out_dir)
@@ -76,7 +76,8 @@ def run_finetuning(
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"{root / 'plan.json'}: needs 'num_classes' and 'modalities'") from None
     train_cases = fold_cases(root, fold, "train")
-    training = TrainingSettings.from_settings(settings)
+    # a detector's own defaults (the DETR's AdamW schedule) apply where the config is silent
+    training = TrainingSettings.from_settings(settings, **getattr(get_detector_class(detector), "training_defaults", {}))
 
     seed_everything(seed)  # the detector's random initialisation depends on it
     model = build_detector(detector, dict(settings), in_channels, num_classes, plan)
