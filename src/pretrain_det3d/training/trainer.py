@@ -49,6 +49,8 @@ MODEL_FINAL = "model_final.pth"
 LOG_NAME = "log.csv"
 RUNNING_LOG_SUFFIX = ".running"  # the log grows here during training; the named log appears whole at the end
 GRAD_CLIP_NORM = 12.0
+#: ``amp_dtype`` values: "auto" = bf16 where the GPU supports it, else fp16, and full precision on CPU
+AMP_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECKPOINT_FORMAT = 1
 #: signals that end a run early with a checkpoint: SLURM sends SIGTERM at the time limit or on preemption, and
 #: SIGUSR1 ahead of it when asked (profiles/slurm: --signal=USR1@600)
@@ -112,6 +114,14 @@ class TrainingSettings:
     device: str = "auto"
     threads: int | None = None
     mixed_precision: bool = True
+    # ---- fast paths (see docs/benchmark.md); each falls back to the plain path where it cannot apply
+    amp_dtype: str = "auto"  # "auto" | "bfloat16" | "float16"; "bfloat16" also autocasts on CPU
+    cudnn_benchmark: bool = True  # CUDA only: let cuDNN pick the fastest convolution algorithms
+    pin_memory: bool = True  # CUDA only: page-locked batches and non-blocking host-to-device copies
+    persistent_workers: bool = True  # with num_workers > 0: keep the loader processes alive between passes
+    prefetch_factor: int = 2  # with num_workers > 0: batches each worker prepares ahead
+    memory_map: bool = True  # read patches out of memory-mapped arrays instead of loading whole cases
+    compile: bool = False  # torch.compile the model's forward (nn.Module.compile keeps state-dict keys)
     keep_latest_checkpoint: bool = False  # nnU-Net style: drop checkpoint_latest once the final file exists
     progress_bar: bool = True
 
@@ -145,6 +155,10 @@ class TrainingSettings:
             )
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"settings key 'grad_clip' must be positive or null, got {self.grad_clip}")
+        if self.amp_dtype not in AMP_DTYPES:
+            raise ValueError(f"settings key 'amp_dtype' must be one of {sorted(AMP_DTYPES)}, got {self.amp_dtype!r}")
+        if int(self.prefetch_factor) <= 0:
+            raise ValueError(f"settings key 'prefetch_factor' must be positive, got {self.prefetch_factor}")
 
     def augmentation_params(self) -> AugmentationParams | None:
         if self.augmentation is True:
@@ -164,6 +178,37 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"settings key 'device' asks for {name!r} but CUDA is not available")
     return device
+
+
+def resolve_amp_dtype(device: torch.device, mixed_precision: bool, amp_dtype: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of a run, or ``None`` (full precision).
+
+    ``"auto"``: bf16 where the GPU supports it, else fp16 (with loss scaling); full precision on CPU, where
+    autocast rarely pays off. ``"bfloat16"`` autocasts on CPU too (explicit opt-in); ``"float16"`` on CPU is a
+    no-op with a logged note (CPU kernels for fp16 are slow or missing), as is bf16 on a GPU without it.
+
+    Example:
+        >>> resolve_amp_dtype(torch.device("cpu"), True, "auto") is None
+        True
+        >>> resolve_amp_dtype(torch.device("cpu"), True, "bfloat16")
+        torch.bfloat16
+    """
+    if amp_dtype not in AMP_DTYPES:
+        raise ValueError(f"settings key 'amp_dtype' must be one of {sorted(AMP_DTYPES)}, got {amp_dtype!r}")
+    if not mixed_precision:
+        return None
+    if device.type == "cuda":
+        if amp_dtype == "float16":
+            return torch.float16
+        bf16 = torch.cuda.is_bf16_supported()
+        if amp_dtype == "bfloat16" and not bf16:
+            LOGGER.warning("amp_dtype: this GPU has no bfloat16; using float16 with loss scaling")
+        return torch.bfloat16 if bf16 else torch.float16
+    if amp_dtype == "bfloat16":
+        return torch.bfloat16
+    if amp_dtype == "float16":
+        LOGGER.info("amp_dtype float16: no effect on %s (CUDA only); training in full precision", device.type)
+    return None
 
 
 def seed_everything(seed: int) -> None:
@@ -199,14 +244,18 @@ def restore_rng_states(states: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def move_to_device(obj: Any, device: torch.device) -> Any:
-    """Move tensors nested in dicts / lists / tuples to ``device``."""
+def move_to_device(obj: Any, device: torch.device, non_blocking: bool = True) -> Any:
+    """Move tensors nested in dicts / lists / tuples to ``device``.
+
+    ``non_blocking`` copies overlap with computation only from pinned host memory; otherwise they are plain
+    synchronous copies, so it is always safe for host-to-device moves.
+    """
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
+        return obj.to(device, non_blocking=non_blocking)
     if isinstance(obj, Mapping):
-        return {k: move_to_device(v, device) for k, v in obj.items()}
+        return {k: move_to_device(v, device, non_blocking) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(move_to_device(v, device) for v in obj)
+        return type(obj)(move_to_device(v, device, non_blocking) for v in obj)
     return obj
 
 
@@ -287,6 +336,7 @@ class IterationTrainer:
         if settings.threads:
             torch.set_num_threads(int(settings.threads))
         self.model = model.to(self.device)
+        self.configure_backends()
         self.optimizer = self.configure_optimizer()
         self.schedule = self.configure_schedule()
         self.amp_dtype = self.configure_amp_dtype()
@@ -305,10 +355,31 @@ class IterationTrainer:
         return PolyWarmupSchedule(base_lr=s.lr, max_iterations=s.iterations, warmup_iterations=s.warmup_iterations)
 
     def configure_amp_dtype(self) -> torch.dtype | None:
-        """bf16 where the GPU supports it, else fp16 (with loss scaling); ``None`` (full precision) on CPU."""
-        if self.device.type != "cuda" or not self.settings.mixed_precision:
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        """The autocast dtype, or ``None`` for full precision (see :func:`resolve_amp_dtype`)."""
+        return resolve_amp_dtype(self.device, self.settings.mixed_precision, self.settings.amp_dtype)
+
+    def configure_backends(self) -> None:
+        """Switch on the fast paths of ``settings`` that apply to this device (cuDNN autotuning, compile).
+
+        Each one that cannot apply is a no-op with a logged note, so one config serves CPU and GPU runs.
+        """
+        s = self.settings
+        if s.cudnn_benchmark:
+            if self.device.type == "cuda":
+                torch.backends.cudnn.benchmark = True  # fixed patch sizes: autotuning pays off after 1 step
+            else:
+                LOGGER.info("cudnn_benchmark: no effect on %s (CUDA only)", self.device.type)
+        if s.pin_memory and self.device.type != "cuda":
+            LOGGER.info("pin_memory: no effect on %s (CUDA only); batches stay in pageable memory", self.device.type)
+        if s.compile:
+            # in place, so the state dict keeps its keys and compute_losses' self(images) runs compiled
+            self.model.compile()
+            LOGGER.info("compile: the model's forward runs through torch.compile")
+
+    @property
+    def uses_pinned_memory(self) -> bool:
+        """Whether batches are pinned and copied without blocking (``pin_memory`` on a CUDA device)."""
+        return bool(self.settings.pin_memory) and self.device.type == "cuda"
 
     def make_stream(self, start_batch: int) -> PatchBatchStream:
         s = self.settings
@@ -322,11 +393,15 @@ class IterationTrainer:
             start_batch=start_batch,
             num_batches=s.iterations - start_batch,
             with_labels=self.with_labels,
+            memory_map=s.memory_map,
         )
 
     def build_batches(self, start_iteration: int) -> Iterable[dict[str, Any]]:
         """Batches for iterations ``start_iteration, start_iteration + 1, ...``."""
-        return build_loader(self.make_stream(start_iteration), self.settings.num_workers, self.seed)
+        s = self.settings
+        return build_loader(self.make_stream(start_iteration), s.num_workers, self.seed,
+                            pin_memory=self.uses_pinned_memory, persistent_workers=s.persistent_workers,
+                            prefetch_factor=s.prefetch_factor)
 
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Loss terms of one batch (already on the device); the total under ``"loss"``."""
@@ -442,7 +517,7 @@ class IterationTrainer:
             while self.iteration < end and not (stop is not None and stop.is_set()):
                 started = time.perf_counter()
                 lr = self.schedule.apply(self.optimizer, self.iteration)
-                batch = move_to_device(next(batches), self.device)
+                batch = move_to_device(next(batches), self.device, non_blocking=self.uses_pinned_memory)
                 losses = self.train_step(batch)
                 row = {"iteration": self.iteration, "lr": lr, **losses, "seconds": time.perf_counter() - started}
                 self.log.append(row)
