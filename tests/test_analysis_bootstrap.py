@@ -124,3 +124,16 @@ def test_percentile_interval_hand_worked():
 def test_bad_arguments_fail_clearly(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_undefined_resamples_are_left_out():
+    """A resample without ground truth has no AP (NaN); intervals and p-values use the defined ones only."""
+    import numpy as np
+
+    from pretrain_det3d.analysis.bootstrap import bootstrap_p_value, percentile_interval
+
+    with_nan = np.array([np.nan, 0.1, 0.2, 0.3, -0.1, np.nan])
+    assert bootstrap_p_value(with_nan) == bootstrap_p_value(np.array([0.1, 0.2, 0.3, -0.1])) == 0.8
+    assert np.allclose(percentile_interval(np.r_[np.arange(101.0), np.nan], 0.9), (5.0, 95.0))
+    assert all(np.isnan(percentile_interval(np.array([np.nan, np.nan]), 0.9)))
+    assert np.isnan(bootstrap_p_value(np.array([np.nan])))

@@ -178,6 +178,3 @@ localrules:
     all,
     check_dataset,
     aggregate,
-    figure,
-    table,
-    table_with_latex,

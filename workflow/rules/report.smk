@@ -34,89 +34,71 @@ rule aggregate:
         "--runs-csv {output.runs} > {log} 2>&1"
 
 
-rule figure:
-    input:
-        unpack(report_inputs),
-    output:
-        png=report(
-            "results/figures/{figure}.png",
-            caption="../report/{figure}.rst",
-            category="Figures",
-        ),
-        pdf="results/figures/{figure}.pdf",
-    wildcard_constraints:
-        figure=one_of(REPORT_FIGURES),
-    params:
-        inputs=report_arguments,
-        settings=as_json(config.get("statistics", {})),
-    log:
-        "results/logs/figure/{figure}.log",
-    benchmark:
-        "results/benchmarks/figure/{figure}.tsv"
-    conda:
-        CONDA_ENV
-    threads: rule_threads("figure")
-    resources:
-        **rule_resources("figure"),
-    shell:
-        "python -m pretrain_det3d figure --name {wildcards.figure} {params.inputs} --settings {params.settings:q} "
-        "--out-png {output.png} --out-pdf {output.pdf} > {log} 2>&1"
+# One rule per figure and per table (captions differ, and a report caption cannot hold a wildcard).
+for _figure in REPORT_FIGURES:
+
+    rule:
+        name:
+            f"figure_{_figure}"
+        input:
+            unpack(report_inputs),
+        output:
+            png=report(
+                f"results/figures/{_figure}.png",
+                caption=f"../report/{_figure}.rst",
+                category="Figures",
+            ),
+            pdf=f"results/figures/{_figure}.pdf",
+        params:
+            name=_figure,
+            inputs=report_arguments,
+            settings=as_json(config.get("statistics", {})),
+        log:
+            f"results/logs/figure/{_figure}.log",
+        benchmark:
+            f"results/benchmarks/figure/{_figure}.tsv"
+        conda:
+            CONDA_ENV
+        localrule: True
+        threads: rule_threads("figure")
+        resources:
+            **rule_resources("figure"),
+        shell:
+            "python -m pretrain_det3d figure --name {params.name} {params.inputs} --settings {params.settings:q} "
+            "--out-png {output.png} --out-pdf {output.pdf} > {log} 2>&1"
 
 
-rule table:
-    input:
-        unpack(report_inputs),
-    output:
-        csv=report(
-            "results/tables/{table}.csv",
-            caption="../report/{table}.rst",
-            category="Tables",
-        ),
-        md="results/tables/{table}.md",
-    wildcard_constraints:
-        table=one_of([t for t, formats in REPORT_TABLES.items() if "tex" not in formats]),
-    params:
-        inputs=report_arguments,
-        settings=as_json(config.get("statistics", {})),
-    log:
-        "results/logs/table/{table}.log",
-    benchmark:
-        "results/benchmarks/table/{table}.tsv"
-    conda:
-        CONDA_ENV
-    threads: rule_threads("table")
-    resources:
-        **rule_resources("table"),
-    shell:
-        "python -m pretrain_det3d table --name {wildcards.table} {params.inputs} --settings {params.settings:q} "
-        "--out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
+for _table, _formats in REPORT_TABLES.items():
 
-
-rule table_with_latex:
-    input:
-        unpack(report_inputs),
-    output:
-        csv=report(
-            "results/tables/{table}.csv",
-            caption="../report/{table}.rst",
-            category="Tables",
-        ),
-        md="results/tables/{table}.md",
-        tex="results/tables/{table}.tex",
-    wildcard_constraints:
-        table=one_of([t for t, formats in REPORT_TABLES.items() if "tex" in formats]),
-    params:
-        inputs=report_arguments,
-        settings=as_json(config.get("statistics", {})),
-    log:
-        "results/logs/table/{table}.log",
-    benchmark:
-        "results/benchmarks/table/{table}.tsv"
-    conda:
-        CONDA_ENV
-    threads: rule_threads("table")
-    resources:
-        **rule_resources("table"),
-    shell:
-        "python -m pretrain_det3d table --name {wildcards.table} {params.inputs} --settings {params.settings:q} "
-        "--out-csv {output.csv} --out-md {output.md} --out-tex {output.tex} > {log} 2>&1"
+    rule:
+        name:
+            f"table_{_table}"
+        input:
+            unpack(report_inputs),
+        output:
+            **{
+                fmt: (
+                    report(f"results/tables/{_table}.{fmt}", caption=f"../report/{_table}.rst", category="Tables")
+                    if fmt == "csv"
+                    else f"results/tables/{_table}.{fmt}"
+                )
+                for fmt in _formats
+            },
+        params:
+            name=_table,
+            inputs=report_arguments,
+            settings=as_json(config.get("statistics", {})),
+            outputs=lambda w, output: " ".join(f"--out-{fmt} {path}" for fmt, path in output.items()),
+        log:
+            f"results/logs/table/{_table}.log",
+        benchmark:
+            f"results/benchmarks/table/{_table}.tsv"
+        conda:
+            CONDA_ENV
+        localrule: True
+        threads: rule_threads("table")
+        resources:
+            **rule_resources("table"),
+        shell:
+            "python -m pretrain_det3d table --name {params.name} {params.inputs} --settings {params.settings:q} "
+            "{params.outputs} > {log} 2>&1"

@@ -131,8 +131,18 @@ def percentile_interval(distribution: np.ndarray, confidence: float = DEFAULT_CO
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
     alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(np.asarray(distribution, dtype=np.float64), [alpha, 1.0 - alpha])
+    values = _defined(distribution)
+    if values.size == 0:
+        return float("nan"), float("nan")
+    low, high = np.quantile(values, [alpha, 1.0 - alpha])
     return float(low), float(high)
+
+
+def _defined(distribution: np.ndarray) -> np.ndarray:
+    """The resamples whose statistic is defined: AP is undefined (NaN) on a resample without any ground truth,
+    which small validation sets draw now and then; such resamples are left out of intervals and p-values."""
+    values = np.asarray(distribution, dtype=np.float64).ravel()
+    return values[~np.isnan(values)]
 
 
 def bootstrap_p_value(differences: np.ndarray) -> float:
@@ -142,8 +152,10 @@ def bootstrap_p_value(differences: np.ndarray) -> float:
         >>> bootstrap_p_value(np.array([0.1, 0.2, 0.3, -0.1]))  # 2 * (1 + 1) / 5
         0.8
     """
-    differences = np.asarray(differences, dtype=np.float64)
+    differences = _defined(differences)
     count = differences.size
+    if count == 0:
+        return float("nan")
     at_or_below = (1 + int(np.sum(differences <= 0))) / (count + 1)
     at_or_above = (1 + int(np.sum(differences >= 0))) / (count + 1)
     return float(min(1.0, 2.0 * min(at_or_below, at_or_above)))
