@@ -41,7 +41,9 @@ def test_dry_run_resolves_the_grid(tmp_path, snakemake_runner, configfile):
     pretrained = [i for i in config["study"]["initialisations"] if i != "scratch"]
     assert counts.get("pretrain", 0) == len(pretrained)
     assert counts["preprocess_dataset"] == len(config["study"]["datasets"])
-    assert counts["aggregate"] == 1 and counts["figure"] == len(catalog.REPORT_FIGURES)
+    assert counts["aggregate"] == 1
+    assert all(counts[f"figure_{name}"] == 1 for name in catalog.REPORT_FIGURES)
+    assert all(counts[f"table_{name}"] == 1 for name in catalog.REPORT_TABLES)
 
 
 def test_paper_config_has_the_papers_training_setup():
@@ -85,7 +87,7 @@ def test_target_path_schedules_only_its_chain(tmp_path, snakemake_runner):
     result = snakemake_runner(tmp_path, "-n", "results/metrics/retina_unet/mae/smoke_lesions/fold1.json")
     counts = job_counts(result.stdout)
     assert counts["finetune"] == counts["predict"] == counts["evaluate"] == counts["pretrain"] == 1
-    assert "aggregate" not in counts and "figure" not in counts
+    assert "aggregate" not in counts and not any(rule.startswith(("figure_", "table_")) for rule in counts)
     assert "results/finetune/retina_unet/mae/smoke_lesions/fold1/model_final.pth" in result.stdout
     assert "fold0" not in result.stdout
 

@@ -95,9 +95,9 @@ def test_second_run_has_nothing_to_do(smoke_run):
 def test_replotting_a_figure_touches_no_training(smoke_run):
     from conftest import run_snakemake
 
-    result = run_snakemake(smoke_run, "-n", "--forcerun", "figure", "results/figures/froc.pdf")
+    result = run_snakemake(smoke_run, "-n", "--forcerun", "figure_froc", "results/figures/froc.pdf")
     output = result.stdout
-    assert "rule figure:" in output and "results/figures/froc.pdf" in output
+    assert "rule figure_froc:" in output and "results/figures/froc.pdf" in output
     for rule in ("finetune", "pretrain", "predict", "evaluate", "preprocess_dataset"):
         assert f"rule {rule}:" not in output, rule
 
