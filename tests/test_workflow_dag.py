@@ -38,9 +38,13 @@ def test_dry_run_resolves_the_grid(tmp_path, snakemake_runner, configfile):
     counts = job_counts(result.stdout)
     grid = expected_grid(config)
     assert counts["finetune"] == counts["predict"] == counts["evaluate"] == grid
-    pretrained = [i for i in config["study"]["initialisations"] if i != "scratch"]
+    published = set(config["pretraining"].get("published") or {})
+    pretrained = [i for i in config["study"]["initialisations"] if i != "scratch" and i not in published]
+    fetched = [i for i in config["study"]["initialisations"] if i in published]
     assert counts.get("pretrain", 0) == len(pretrained)
-    assert counts["preprocess_dataset"] == len(config["study"]["datasets"])
+    assert counts.get("fetch_published_checkpoint", 0) == len(fetched)
+    labelled_pretraining = {d["dataset"] for m in config["pretraining"]["methods"].values() for d in m.get("datasets", [])}
+    assert counts["preprocess_dataset"] == len(set(config["study"]["datasets"]) | labelled_pretraining)
     assert counts["aggregate"] == 1
     assert all(counts[f"figure_{name}"] == 1 for name in catalog.REPORT_FIGURES)
     assert all(counts[f"table_{name}"] == 1 for name in catalog.REPORT_TABLES)
@@ -109,5 +113,5 @@ def test_published_checkpoint_replaces_pretraining(tmp_path, snakemake_runner):
     result = snakemake_runner(tmp_path, "-n", configfile=path)
     counts = job_counts(result.stdout)
     assert counts["fetch_published_checkpoint"] == 1 and "pretrain" not in counts
-    assert counts["finetune"] == 2 * len(config["study"]["folds"])
+    assert counts["finetune"] == 2 * len(config["study"]["folds"]) * len(config["study"]["detectors"])
     assert "results/pretrain/authors_mae/checkpoint_final.pth" in result.stdout
