@@ -62,7 +62,7 @@ def test_every_figure_and_table_is_made_without_touching_its_inputs(study: dict[
     baseline = pd.read_csv(tmp_path / "baseline_tests.csv")
     assert len(baseline) == 2 * 2 and baseline["p_bootstrap"].notna().all()  # auto: bootstrap with predictions
     assert (baseline["n_resamples"] == 30).all() and (baseline["seed"] == 3).all()
-    assert r"\toprule" in (tmp_path / "main_results.tex").read_text()
+    assert r"\toprule" in (tmp_path / "main_results_ranked.tex").read_text()
 
 
 def test_auto_test_falls_back_to_wilcoxon_without_predictions(study: dict[str, Path], tmp_path: Path) -> None:

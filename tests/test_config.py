@@ -28,7 +28,7 @@ def test_shipped_configs_are_valid(path):
     [
         (lambda c: c["study"]["datasets"].append("nope"), "study.datasets[1]", "nope"),
         (lambda c: c["study"]["detectors"].__setitem__(0, "yolo3d"), "study.detectors[0]", "yolo3d"),
-        (lambda c: c["study"]["initialisations"].append("simclr"), "study.initialisations[2]", "simclr"),
+        (lambda c: c["study"]["initialisations"].append("simclr"), "study.initialisations[6]", "simclr"),
         (lambda c: c["pretraining"]["methods"]["mae"].__setitem__("method", "byol"), "pretraining.methods.mae", "byol"),
         (lambda c: c["detectors"]["retina_unet"].__setitem__("detector", "yolo"), "detectors.retina_unet", "yolo"),
         (lambda c: c.__setitem__("backbone", "resnet50"), "backbone", "resnet50"),

@@ -66,11 +66,12 @@ def test_metrics_and_predictions_per_run(smoke_run):
 
 def test_table_has_one_row_per_run_group(smoke_run):
     table = pd.read_csv(smoke_run / "results/tables/main_results.csv")
-    assert len(table) == len(yaml.safe_load(SMOKE_CONFIG.read_text())["study"]["initialisations"])
+    study = yaml.safe_load(SMOKE_CONFIG.read_text())["study"]
+    assert len(table) == len(study["initialisations"]) * len(study["detectors"]) * len(study["datasets"])
     runs = pd.read_csv(smoke_run / "results/tables/runs.csv")
     main = runs[runs["metric"] == MAIN_METRIC]
-    for init, group in main.groupby("initialisation"):
-        row = table[table["initialisation"] == init].iloc[0]
+    for (detector, init), group in main.groupby(["detector", "initialisation"]):
+        row = table[(table["detector"] == detector) & (table["initialisation"] == init)].iloc[0]
         assert abs(row[f"{MAIN_METRIC}_mean"] - group["value"].mean()) < 1e-9
 
 
