@@ -33,7 +33,7 @@ def test_shipped_configs_are_valid(path):
         (lambda c: c["detectors"]["retina_unet"].__setitem__("detector", "yolo"), "detectors.retina_unet", "yolo"),
         (lambda c: c.__setitem__("backbone", "resnet50"), "backbone", "resnet50"),
         (lambda c: c["datasets"]["smoke_lesions"].__setitem__("source", "ftp"), "datasets.smoke_lesions.source", "ftp"),
-        (lambda c: c["study"]["folds"].append(7), "study.folds[2]", "7"),
+        (lambda c: c["study"]["folds"].append(7), "study.folds[1]", "7"),
     ],
 )
 def test_unknown_names_name_the_key(smoke, mutate, key, name):
