@@ -47,8 +47,9 @@ def test_smoke_study_runs_through_slurm(tmp_path, slurm_cluster):
         "--slurm-logdir", str(tmp_path / "slurm_logs"),
         "--slurm-keep-successful-logs",
         "--jobs", "4",
-        # two initialisations are enough to show the chain runs through SLURM
-        "--config", "study={datasets: [smoke_lesions], detectors: [retina_unet], initialisations: [scratch, mae], "
+        # two initialisations are enough to show the chain runs through SLURM; both detectors go through it
+        "--config", "study={datasets: [smoke_lesions], detectors: [retina_unet, deformable_detr], "
+        "initialisations: [scratch, mae], "
         "folds: [0], num_folds: 2}",
         timeout=1500,
     )
@@ -56,6 +57,8 @@ def test_smoke_study_runs_through_slurm(tmp_path, slurm_cluster):
     job_ids = set(re.findall(r"SLURM jobid (\d+)", output)) | set(re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", output))
     assert job_ids, f"no SLURM job ids in the Snakemake log:\n{output[-3000:]}"
     assert (tmp_path / "results/tables/main_results.csv").stat().st_size > 0
+    for detector in ("retina_unet", "deformable_detr"):
+        assert (tmp_path / f"results/metrics/{detector}/mae/smoke_lesions/fold0.json").stat().st_size > 0
     assert (tmp_path / "results/figures/ap_by_init.png").stat().st_size > 0
     slurm_logs = list((tmp_path / "slurm_logs").rglob("*.log"))
     assert slurm_logs, "the SLURM executor wrote no job logs"
