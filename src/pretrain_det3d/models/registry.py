@@ -26,23 +26,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from pretrain_det3d import catalog
 from pretrain_det3d.utils.atomic import save_torch
 from pretrain_det3d.utils.registry import Registry
 
 DETECTORS: Registry[type] = Registry("detector")
 
-#: Modules that register detectors when imported (imported on first use to avoid an import cycle).
-DETECTOR_MODULES = ("pretrain_det3d.models.retina_unet", "pretrain_det3d.models.deformable_detr")
 _RESERVED_KEYS = ("detector", "build_kwargs", "state_dict")
 
 
 def _register_all() -> None:
-    for module in DETECTOR_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as error:
-            if error.name != module:  # a real missing dependency inside the module must surface
-                raise
+    # the catalog lists the module of every detector; they are imported on first use to avoid an import cycle
+    for module in catalog.DETECTOR_MODULES.values():
+        importlib.import_module(module)
 
 
 def get_detector_class(name: str) -> type:

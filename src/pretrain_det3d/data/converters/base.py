@@ -102,6 +102,14 @@ class DatasetConverter(ABC):
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
         self.settings = dict(settings or {})
 
+    def require_known_settings(self, known: set[str]) -> None:
+        """Refuse settings keys this converter does not read, naming them and the known ones."""
+        unknown = set(self.settings) - known
+        if unknown:
+            raise ConversionError(
+                f"{self.dataset_name} converter: unknown settings {sorted(unknown)}; known: {sorted(known)}"
+            )
+
     @abstractmethod
     def list_cases(self, source_dir: Path) -> list[str]:
         """Ids of the cases to convert, sorted."""

@@ -73,9 +73,7 @@ class KiTS21Converter(DatasetConverter):
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
         super().__init__(settings)
         known = {"segmentation", "include_cysts", "min_extent_mm", "connectivity"}
-        unknown = set(self.settings) - known
-        if unknown:
-            raise ConversionError(f"kits21 converter: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        self.require_known_settings(known)
         self.segmentation_file = self.settings.get("segmentation", DEFAULT_SEGMENTATION_FILE)
         if self.segmentation_file not in SEGMENTATION_FILES:
             raise ConversionError(f"kits21 converter: setting 'segmentation' must be one of {SEGMENTATION_FILES}, "

@@ -60,9 +60,7 @@ class MSDPancreasConverter(DatasetConverter):
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
         super().__init__(settings)
         known = {"min_extent_mm", "connectivity"}
-        unknown = set(self.settings) - known
-        if unknown:
-            raise ConversionError(f"msd_pancreas converter: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        self.require_known_settings(known)
         self.min_extent_mm = float(self.settings.get("min_extent_mm", DEFAULT_MIN_EXTENT_MM))
         self.connectivity = int(self.settings.get("connectivity", DEFAULT_CONNECTIVITY))
         structure_for(self.connectivity)  # validates

@@ -149,9 +149,7 @@ class PN9Converter(DatasetConverter):
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
         super().__init__(settings)
         known = {"classes", "annotation_files", "image_suffix", "spacing_mm", "exclude"}
-        unknown = set(self.settings) - known
-        if unknown:
-            raise ConversionError(f"pn9 converter: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        self.require_known_settings(known)
         self.class_mode = self.settings.get("classes", "nodule")
         if self.class_mode not in CLASS_MODES:
             raise ConversionError(f"pn9 converter: setting 'classes' must be one of {CLASS_MODES}, got {self.class_mode!r}")

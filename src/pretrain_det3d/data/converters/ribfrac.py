@@ -118,9 +118,7 @@ class RibFracConverter(DatasetConverter):
 
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
         super().__init__(settings)
-        unknown = set(self.settings) - {"classes", "uncertain"}
-        if unknown:
-            raise ConversionError(f"ribfrac converter: unknown settings {sorted(unknown)}; known: classes, uncertain")
+        self.require_known_settings({"classes", "uncertain"})
         self.class_mode = self.settings.get("classes", DEFAULT_CLASS_MODE)
         if self.class_mode not in CLASS_MODES:
             raise ConversionError(f"ribfrac converter: setting 'classes' must be one of {CLASS_MODES}, "
