@@ -8,12 +8,14 @@ Example:
 
 from __future__ import annotations
 
-from pretrain_det3d.pretraining import mae  # noqa: F401  (registers "mae")
-from pretrain_det3d.pretraining import models_genesis  # noqa: F401  (registers "models_genesis")
-from pretrain_det3d.pretraining import spark3d  # noqa: F401  (registers "spark3d")
-from pretrain_det3d.pretraining import voco  # noqa: F401  (registers "voco")
-from pretrain_det3d.pretraining import multitalent  # noqa: F401  (registers "multitalent")
+import importlib
+
+from pretrain_det3d import catalog
 from pretrain_det3d.pretraining.run import run_pretraining
 from pretrain_det3d.pretraining.trainer import METHODS, PretrainingTrainer
+
+# every method the catalog lists registers itself in METHODS when its module is imported
+for _module in catalog.PRETRAINING_MODULES.values():
+    importlib.import_module(_module)
 
 __all__ = ["METHODS", "PretrainingTrainer", "run_pretraining"]
