@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pretrain_det3d.benchmark.fixtures import read_plan, write_benchmark_cases
-from pretrain_det3d.models.registry import build_detector
+from pretrain_det3d.models.registry import build_detector, load_detector
 from pretrain_det3d.training.dataloader import PatchBatchStream, build_loader, load_case_records
 from pretrain_det3d.training.trainer import (
     DetectorTrainer,
@@ -20,6 +20,7 @@ from pretrain_det3d.training.trainer import (
     TrainingSettings,
     move_to_device,
     resolve_amp_dtype,
+    resolve_channels_last,
     seed_everything,
 )
 
@@ -128,6 +129,41 @@ def test_compile_switch_compiles_in_place_and_keeps_state_dict_keys(data, tmp_pa
     assert list(compiled.model.state_dict()) == list(plain.model.state_dict())
 
 
+def test_channels_last_switch_logic():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_channels_last(cpu, "auto") and not resolve_channels_last(cuda, "auto")
+    assert resolve_channels_last(cuda, True) and not resolve_channels_last(cpu, False)
+    with pytest.raises(ValueError, match="channels_last"):
+        resolve_channels_last(cpu, "yes")
+    with pytest.raises(ValueError, match="channels_last"):
+        TrainingSettings.from_settings({**BASE, "channels_last": "sometimes"})
+
+
+def test_channels_last_trains_like_the_default_layout(data, tmp_path):
+    plain = _trainer(data, tmp_path / "a", channels_last=False)
+    fast = _trainer(data, tmp_path / "b", channels_last="auto")  # on CPU: on
+    conv_weights = lambda trainer: [p for p in trainer.model.parameters() if p.dim() == 5]  # noqa: E731
+    assert all(p.is_contiguous() for p in conv_weights(plain))
+    assert all(p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
+               for p in conv_weights(fast) if p.shape[1] > 1 and p.shape[2:].numel() > 1)
+    assert list(fast.model.state_dict()) == list(plain.model.state_dict())
+    batch = plain.make_stream(0).make_batch(0)
+    for _ in range(3):  # the losses and weights of a few steps agree to float rounding (other kernels)
+        torch.manual_seed(7)  # the hard-negative sampler draws from the global generator
+        loss_fast = fast.train_step(batch)
+        torch.manual_seed(7)
+        loss_plain = plain.train_step(batch)
+        for key in ("loss", "cls", "reg", "seg"):
+            assert loss_fast[key] == pytest.approx(loss_plain[key], rel=1e-4, abs=1e-6)
+    for p, q in zip(fast.model.parameters(), plain.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
+    # the saved model loads into a default-layout network with the same values
+    fast.save_final()
+    reloaded, _ = load_detector(tmp_path / "b" / "model_final.pth")
+    for (key, value), (key_r, value_r) in zip(fast.model.state_dict().items(), reloaded.state_dict().items()):
+        assert key == key_r and torch.equal(value, value_r)
+
+
 # ---------------------------------------------------------------------------------------------- loading
 def test_memory_maps_give_the_batches_of_whole_case_loading(data):
     _, records = data
@@ -160,9 +196,10 @@ def test_persistent_seeded_workers_and_pinning_give_the_plain_batches(data):
 
 
 def test_fast_path_trainer_takes_the_plain_step(data, tmp_path):
-    fast = _trainer(data, tmp_path / "a", cudnn_benchmark=True, pin_memory=True, memory_map=True)
+    fast = _trainer(data, tmp_path / "a", cudnn_benchmark=True, pin_memory=True, memory_map=True,
+                    channels_last=False)
     plain = _trainer(data, tmp_path / "b", cudnn_benchmark=False, pin_memory=False, memory_map=False,
-                     mixed_precision=False)
+                     mixed_precision=False, channels_last=False)
     batch_fast = move_to_device(next(iter(fast.build_batches(0))), fast.device, non_blocking=True)
     batch_plain = move_to_device(next(iter(plain.build_batches(0))), plain.device, non_blocking=False)
     _same_batches(batch_fast, batch_plain)

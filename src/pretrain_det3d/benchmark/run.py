@@ -168,7 +168,8 @@ def run_benchmark(
                   "warmup": s.warmup, "repeats": s.repeats, "detector_settings": dict(s.detector_settings),
                   "training": {k: v for k, v in dataclasses.asdict(training).items()
                                if k in ("amp_dtype", "mixed_precision", "cudnn_benchmark", "pin_memory",
-                                        "persistent_workers", "memory_map", "compile", "augmentation")},
+                                        "persistent_workers", "memory_map", "compile", "channels_last",
+                                        "augmentation")},
                   "data": "synthetic" if s.preprocessed is None else str(root), "num_cases": len(cases),
                   "case_shape": list(s.case_shape) if s.preprocessed is None else None}
         record: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "config": config,
