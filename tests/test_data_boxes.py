@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pretrain_det3d.data.boxes import boxes_from_instance_map
+from pretrain_det3d.data.boxes import boxes_from_instance_map, pairwise_box_iou
 
 
 def brute_force_boxes(instance_map: np.ndarray) -> dict[int, list[float]]:
@@ -50,3 +50,40 @@ def test_empty_map_gives_no_boxes():
 def test_rejects_2d_input():
     with pytest.raises(ValueError, match="3D"):
         boxes_from_instance_map(np.zeros((4, 4)))
+
+
+# ---------------------------------------------------------------------------------------------- pairwise IoU
+def random_boxes(rng: np.random.Generator, count: int, integer: bool) -> np.ndarray:
+    low = rng.uniform(0, 20, size=(count, 3))
+    size = rng.uniform(0.5, 12, size=(count, 3))
+    boxes = np.concatenate([low, low + size], axis=1)
+    return np.round(boxes) + np.array([0, 0, 0, 1, 1, 1]) * integer if integer else boxes
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("integer", [False, True])
+def test_pairwise_iou_gives_monais_box_iou(seed, integer):
+    from monai.data.box_utils import box_iou
+
+    rng = np.random.default_rng(seed)
+    a, b = random_boxes(rng, 30, integer), random_boxes(rng, 17, integer)
+    b[:5] = a[:5]  # identical pairs (IoU 1)
+    depth = a[6, 3] - a[6, 0]
+    b[5] = a[6] + np.array([depth, 0, 0, depth, 0, 0])  # touches a[6] along z: IoU 0
+    ours = pairwise_box_iou(a, b)
+    reference = np.asarray(box_iou(a.astype(np.float64), b.astype(np.float64)), dtype=np.float64)
+    assert ours.shape == (30, 17) and ours.dtype == np.float64
+    np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-7)
+    assert (ours > 0).sum() > 10  # the random boxes overlap often enough to test something
+    np.testing.assert_allclose(np.diag(ours[:5, :5]), 1.0, rtol=1e-6)
+    assert ours[6, 5] == 0.0
+
+
+def test_pairwise_iou_hand_worked_and_empty():
+    unit = np.array([[0, 0, 0, 2, 2, 2.]])
+    shifted = np.array([[1, 0, 0, 3, 2, 2.]])  # overlap 1x2x2 = 4 of union 8 + 8 - 4 = 12
+    assert pairwise_box_iou(unit, shifted)[0, 0] == pytest.approx(4 / 12, rel=1e-6)
+    assert pairwise_box_iou(np.zeros((0, 6)), unit).shape == (0, 1)
+    assert pairwise_box_iou(unit, np.zeros((0, 6))).shape == (1, 0)
+    with pytest.raises(ValueError, match="not finite"):
+        pairwise_box_iou(np.array([[0, 0, 0, np.nan, 1, 1]]), unit)

@@ -12,8 +12,9 @@ The rule is the one of the COCO evaluation as nnDetection applies it to 3D boxes
 - a prediction that finds no partner is a false positive; a ground-truth box nobody took is a false negative.
 
 Ground-truth "ignore" flags of nnDetection are not used in this study (every converted instance counts).
-IoUs come from MONAI's ``box_iou`` (standard mode ``(z0, y0, x0, z1, y1, x1)``, max exclusive); MONAI computes
-them in float32.
+IoUs are MONAI's ``box_iou`` numbers (standard mode ``(z0, y0, x0, z1, y1, x1)``, max exclusive, float32
+arithmetic), computed by :func:`pretrain_det3d.data.boxes.pairwise_box_iou` in numpy so that evaluation jobs
+do not pay for importing torch and MONAI.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from monai.data.box_utils import box_iou
+
+from pretrain_det3d.data.boxes import pairwise_box_iou
 
 #: nnDetection and MONAI evaluate the 100 highest-scoring predictions per class and case.
 DEFAULT_MAX_DETECTIONS = 100
@@ -123,7 +125,7 @@ def match_class(
     pred_matched = np.zeros((num_thresholds, len(scores)), dtype=bool)
     gt_matched = np.zeros((num_thresholds, len(gt_boxes)), dtype=bool)
     if len(scores) and len(gt_boxes):
-        ious = np.asarray(box_iou(pred_boxes, gt_boxes), dtype=np.float64)  # [D, G]
+        ious = pairwise_box_iou(pred_boxes, gt_boxes)  # [D, G]
         for threshold_index, threshold in enumerate(iou_thresholds):
             assignment = greedy_match(ious, threshold)
             found = assignment >= 0
