@@ -42,16 +42,19 @@ CHANNEL_FILE_PATTERN = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii\.gz$")
 
 @dataclass
 class ConvertedCase:
-    """One case of a converted dataset, in memory.
+    """One case of a converted dataset, in memory: what :func:`read_case` returns and what a dataset converter
+    (:mod:`pretrain_det3d.data.converters`) builds for :func:`write_case`.
 
     Attributes:
         case_id: the case's id (file stem without channel suffix).
-        image: float32 ``[C, Z, Y, X]``, one entry per channel of ``dataset.json``'s ``modality``.
+        image: ``[C, Z, Y, X]``, one entry per channel of ``dataset.json``'s ``modality``; float32 from
+            :func:`read_case`, while a converter's dtype is kept on disk.
         instance_map: integer ``[Z, Y, X]``, 0 background, 1..N instances.
         instances: instance id -> class index (from ``labelsTr/{case}.json``).
         spacing: voxel size in mm along the array axes (z, y, x).
         origin: SimpleITK origin (x, y, z) in mm.
         direction: SimpleITK direction cosines, 9 numbers, row-major (x, y, z).
+        paths: the files it was read from (empty for a case built in memory).
     """
 
     case_id: str

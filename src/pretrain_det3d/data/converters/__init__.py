@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pretrain_det3d import catalog
-from pretrain_det3d.data.converters.base import CONVERTERS, CaseRecord, ConversionError, DatasetConverter
+from pretrain_det3d.data.converters.base import CONVERTERS, ConvertedCase, ConversionError, DatasetConverter
 
 #: converter name -> module whose import registers it (kept in the torch-free catalog so that config validation
 #: knows the names without importing any converter)
@@ -45,5 +45,5 @@ def convert_dataset(converter_name: str, source_dir: str | os.PathLike, out_dir:
     return get_converter(converter_name, settings).convert(source_dir, out_dir, show_progress=show_progress)
 
 
-__all__ = ["CONVERTERS", "CONVERTER_MODULES", "CaseRecord", "ConversionError", "DatasetConverter",
+__all__ = ["CONVERTERS", "CONVERTER_MODULES", "ConvertedCase", "ConversionError", "DatasetConverter",
            "convert_dataset", "get_converter"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -30,7 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from pretrain_det3d.data.io import write_case, write_dataset_json
+from pretrain_det3d.data.io import ConvertedCase, write_case, write_dataset_json
 from pretrain_det3d.utils.atomic import atomic_directory
 from pretrain_det3d.utils.registry import Registry
 
@@ -43,39 +42,15 @@ class ConversionError(ValueError):
         return cls(f"{os.fspath(path)}: {problem}")
 
 
-@dataclass
-class CaseRecord:
-    """One converted case in memory, ready for :func:`pretrain_det3d.data.io.write_case`.
-
-    Attributes:
-        case_id: the case's id in the converted dataset.
-        image: ``[C, Z, Y, X]``, one entry per modality (dtype kept on disk).
-        instance_map: integer ``[Z, Y, X]``, 0 background, 1..N instances.
-        instances: instance id -> class index.
-        spacing: voxel size along the array axes (z, y, x), mm.
-        origin, direction: as SimpleITK gives them (x, y, z; 9 direction cosines).
-        notes: anything worth keeping about the conversion of this case (goes nowhere on disk).
-    """
-
-    case_id: str
-    image: np.ndarray
-    instance_map: np.ndarray
-    instances: dict[int, int]
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    direction: tuple[float, ...]
-    notes: dict[str, Any] = field(default_factory=dict)
-
-
 def case_from_sitk(case_id: str, images: Sequence[sitk.Image], instance_map: np.ndarray,
-                   instances: Mapping[int, int]) -> CaseRecord:
-    """Build a :class:`CaseRecord` from SimpleITK images that share one grid (the first one's geometry)."""
+                   instances: Mapping[int, int]) -> ConvertedCase:
+    """Build a :class:`ConvertedCase` from SimpleITK images that share one grid (the first one's geometry)."""
     reference = images[0]
     arrays = [sitk.GetArrayFromImage(image) for image in images]  # each [Z, Y, X]
     for index, array in enumerate(arrays):
         if array.shape != instance_map.shape:
             raise ValueError(f"case {case_id}: channel {index} has shape {array.shape}, the labels {instance_map.shape}")
-    return CaseRecord(
+    return ConvertedCase(
         case_id=case_id,
         image=np.stack(arrays),  # [C, Z, Y, X]
         instance_map=instance_map,
@@ -115,7 +90,7 @@ class DatasetConverter(ABC):
         """Ids of the cases to convert, sorted."""
 
     @abstractmethod
-    def load_case(self, source_dir: Path, case_id: str) -> CaseRecord:
+    def load_case(self, source_dir: Path, case_id: str) -> ConvertedCase:
         """Read one case and build its instance map from the dataset's annotations."""
 
     def dataset_extra(self) -> dict[str, Any]:

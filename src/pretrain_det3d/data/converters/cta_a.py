@@ -24,7 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from pretrain_det3d.data.converters.base import CONVERTERS, CaseRecord, ConversionError, DatasetConverter, case_from_sitk
+from pretrain_det3d.data.converters.base import CONVERTERS, ConvertedCase, ConversionError, DatasetConverter, case_from_sitk
 
 DEFAULTS = {"images_dir": "images", "labels_dir": "labels", "image_suffix": ".nii.gz", "label_suffix": ".nii.gz",
             "instances": "components"}
@@ -86,7 +86,7 @@ class CTAAConverter(DatasetConverter):
                 raise ConversionError.for_file(label, f"mask of case {case!r} is missing (see convert.labels_dir)")
         return cases
 
-    def load_case(self, source_dir: Path, case_id: str) -> CaseRecord:
+    def load_case(self, source_dir: Path, case_id: str) -> ConvertedCase:
         image_file, label_file = self._pair(source_dir, case_id)
         image, mask = sitk.ReadImage(str(image_file)), sitk.ReadImage(str(label_file))
         if not _same_grid(image, mask):

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from pretrain_det3d.data.converters.base import CONVERTERS, CaseRecord, ConversionError, DatasetConverter, case_from_sitk
+from pretrain_det3d.data.converters.base import CONVERTERS, ConvertedCase, ConversionError, DatasetConverter, case_from_sitk
 from pretrain_det3d.data.converters.dicom import TAG_SOP_INSTANCE_UID, find_dicom_series, read_dicom_series, read_header
 
 BOXES_STEM = "Annotation_Boxes"
@@ -109,7 +109,7 @@ class DukeBreastConverter(DatasetConverter):
         patients = {str(p).strip() for p in state["boxes"]["Patient ID"]}
         return sorted(p for p in patients if all((p, s) in state["series_of"] for s in self.sequences))
 
-    def load_case(self, source_dir: Path, case_id: str) -> CaseRecord:
+    def load_case(self, source_dir: Path, case_id: str) -> ConvertedCase:
         state = self._index(source_dir)
         images, slice_numbers = [], None
         for sequence in self.sequences:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from pretrain_det3d.data.converters.base import CONVERTERS, CaseRecord, ConversionError, DatasetConverter, case_from_sitk
+from pretrain_det3d.data.converters.base import CONVERTERS, ConvertedCase, ConversionError, DatasetConverter, case_from_sitk
 from pretrain_det3d.data.converters.label_maps import (
     DEFAULT_CONNECTIVITY,
     check_same_grid,
@@ -103,7 +103,7 @@ class KiTS21Converter(DatasetConverter):
         # only cases that carry the chosen segmentation are training cases
         return [case for case in cases if (data_dir / case / self.segmentation_file).is_file()]
 
-    def load_case(self, source_dir: Path, case_id: str) -> CaseRecord:
+    def load_case(self, source_dir: Path, case_id: str) -> ConvertedCase:
         case_dir = self._data_dir(source_dir) / case_id
         image_path, seg_path = case_dir / IMAGE_FILE, case_dir / self.segmentation_file
         downloaded = source_dir / DOWNLOADED_IMAGE_NAME.format(number=case_id.split("_")[1])

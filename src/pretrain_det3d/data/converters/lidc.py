@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from pretrain_det3d.data.converters.base import CONVERTERS, CaseRecord, ConversionError, DatasetConverter, case_from_sitk
+from pretrain_det3d.data.converters.base import CONVERTERS, ConvertedCase, ConversionError, DatasetConverter, case_from_sitk
 from pretrain_det3d.data.converters.dicom import (
     TAG_IMAGE_POSITION, TAG_MODALITY, TAG_PATIENT_ID, TAG_SOP_INSTANCE_UID, find_dicom_series, read_dicom_series,
     read_header,
@@ -250,7 +250,7 @@ class LIDCConverter(DatasetConverter):
     def list_cases(self, source_dir: Path) -> list[str]:
         return sorted(self._index(source_dir))
 
-    def load_case(self, source_dir: Path, case_id: str) -> CaseRecord:
+    def load_case(self, source_dir: Path, case_id: str) -> ConvertedCase:
         message, dicom = self._index(source_dir)[case_id]
         image, slice_tags = read_dicom_series(dicom, (TAG_SOP_INSTANCE_UID, TAG_IMAGE_POSITION))
         shape = tuple(image.GetSize()[::-1])  # (z, y, x)

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from pretrain_det3d.data.converters.base import CONVERTERS, CaseRecord, ConversionError, DatasetConverter, case_from_sitk
+from pretrain_det3d.data.converters.base import CONVERTERS, ConvertedCase, ConversionError, DatasetConverter, case_from_sitk
 
 ANNOTATIONS_FILE = "annotations.csv"
 ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
@@ -96,7 +96,7 @@ class LUNA16Converter(DatasetConverter):
     def list_cases(self, source_dir: Path) -> list[str]:
         return sorted(self._images(source_dir))
 
-    def load_case(self, source_dir: Path, case_id: str) -> CaseRecord:
+    def load_case(self, source_dir: Path, case_id: str) -> ConvertedCase:
         path = self._images(source_dir)[case_id]
         try:
             image = sitk.ReadImage(str(path))

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from pretrain_det3d.data.converters.base import CONVERTERS, CaseRecord, ConversionError, DatasetConverter, case_from_sitk
+from pretrain_det3d.data.converters.base import CONVERTERS, ConvertedCase, ConversionError, DatasetConverter, case_from_sitk
 from pretrain_det3d.data.converters.label_maps import (
     DEFAULT_CONNECTIVITY,
     check_same_grid,
@@ -117,7 +117,7 @@ class MSDPancreasConverter(DatasetConverter):
     def list_cases(self, source_dir: Path) -> list[str]:
         return sorted(self._pairs(source_dir))
 
-    def load_case(self, source_dir: Path, case_id: str) -> CaseRecord:
+    def load_case(self, source_dir: Path, case_id: str) -> ConvertedCase:
         image_path, label_path = self._pairs(source_dir)[case_id]
         image = read_nifti(image_path)
         label = read_nifti(label_path)

@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from pretrain_det3d.data.converters.base import CONVERTERS, CaseRecord, ConversionError, DatasetConverter
+from pretrain_det3d.data.converters.base import CONVERTERS, ConvertedCase, ConversionError, DatasetConverter
 from pretrain_det3d.data.converters.label_maps import relabel
 
 #: PN9's nine nodule classes (the ``nodule_class`` values), class-index order for ``classes: types``
@@ -202,7 +202,7 @@ class PN9Converter(DatasetConverter):
         return sorted(self._images)
 
     # ---- one case -----------------------------------------------------------------------------------------
-    def load_case(self, source_dir: Path, case_id: str) -> CaseRecord:
+    def load_case(self, source_dir: Path, case_id: str) -> ConvertedCase:
         self._index(source_dir)
         path = self._images[case_id]
         try:
@@ -220,7 +220,7 @@ class PN9Converter(DatasetConverter):
         if changed:
             self._record["boxes_changed_by_overlap"][case_id] = [boxes[i].tolist() for i in changed]
         instances = {new_id: classes[row] for new_id, row in enumerate(kept, start=1)}
-        return CaseRecord(
+        return ConvertedCase(
             case_id=case_id,
             image=np.asarray(volume)[None],  # [1, Z, Y, X]
             instance_map=instance_map,

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pretrain_det3d.data.converters.base import CONVERTERS, CaseRecord, ConversionError, DatasetConverter, case_from_sitk
+from pretrain_det3d.data.converters.base import CONVERTERS, ConvertedCase, ConversionError, DatasetConverter, case_from_sitk
 from pretrain_det3d.data.converters.label_maps import check_same_grid, integer_labels, read_nifti, relabel
 
 IMAGE_NAME = re.compile(r"^(?P<case>RibFrac\d+)-image\.nii(\.gz)?$")
@@ -178,7 +178,7 @@ class RibFracConverter(DatasetConverter):
             return 0 if self.uncertain == "fracture" else None
         return 0 if self.class_mode == "fracture" else label_code - 1
 
-    def load_case(self, source_dir: Path, case_id: str) -> CaseRecord:
+    def load_case(self, source_dir: Path, case_id: str) -> ConvertedCase:
         self._index(source_dir)
         image_path, label_path = self._images[case_id], self._labels[case_id]
         image = read_nifti(image_path)
