@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pretrain_det3d.data.boxes import boxes_from_instance_map
 from pretrain_det3d.data.converters.base import ConversionError
 from pretrain_det3d.data.converters.kits21 import KiTS21Converter
 from pretrain_det3d.data.dataset_format import check_converted_dataset
 from pretrain_det3d.data.io import read_case, read_dataset_json
+from nifti_fixtures import boxes_and_classes, make_image, write_image
 
 SIZE_XYZ = (6, 14, 12)
 SPACING_XYZ = (3.0, 0.78, 0.78)
@@ -44,11 +44,7 @@ BOX_CYST = (2, 9, 0, 6, 13, 2)
 
 
 def _image(array_zyx: np.ndarray) -> sitk.Image:
-    image = sitk.GetImageFromArray(array_zyx)
-    image.SetSpacing(SPACING_XYZ)
-    image.SetOrigin(ORIGIN_XYZ)
-    image.SetDirection(DIRECTION)
-    return image
+    return make_image(array_zyx, SPACING_XYZ, ORIGIN_XYZ, DIRECTION)
 
 
 def _ct(seed: int) -> np.ndarray:
@@ -68,35 +64,24 @@ def _majority_map(with_tumour_b: bool = True) -> np.ndarray:
     return seg
 
 
-def _write(path: Path, image: sitk.Image) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path), useCompression=True)
-
-
 @pytest.fixture
 def kits_source(tmp_path: Path) -> Path:
     repo = tmp_path / "kits21"
     data = repo / "kits21" / "data"
     case = data / "case_00000"
-    _write(case / "imaging.nii.gz", _image(_ct(0)))
-    _write(case / "aggregated_MAJ_seg.nii.gz", _image(_majority_map()))
-    _write(case / "aggregated_AND_seg.nii.gz", _image(_majority_map(with_tumour_b=False)))
-    _write(case / "aggregated_OR_seg.nii.gz", _image(_majority_map()))
+    write_image(case / "imaging.nii.gz", _image(_ct(0)))
+    write_image(case / "aggregated_MAJ_seg.nii.gz", _image(_majority_map()))
+    write_image(case / "aggregated_AND_seg.nii.gz", _image(_majority_map(with_tumour_b=False)))
+    write_image(case / "aggregated_OR_seg.nii.gz", _image(_majority_map()))
     tumour_instance = (_majority_map() == 2).astype(np.uint8)
-    _write(case / "segmentations" / "tumor_instance-1_annotation-1.nii.gz", _image(tumour_instance))
+    write_image(case / "segmentations" / "tumor_instance-1_annotation-1.nii.gz", _image(tumour_instance))
     kidney_only = np.zeros(SIZE_XYZ[::-1], dtype=np.uint8)
     kidney_only[2:9, 2:9, 1:5] = 1
-    _write(data / "case_00002" / "imaging.nii.gz", _image(_ct(2)))
-    _write(data / "case_00002" / "aggregated_MAJ_seg.nii.gz", _image(kidney_only))
-    _write(data / "case_00002" / "aggregated_AND_seg.nii.gz", _image(kidney_only))
+    write_image(data / "case_00002" / "imaging.nii.gz", _image(_ct(2)))
+    write_image(data / "case_00002" / "aggregated_MAJ_seg.nii.gz", _image(kidney_only))
+    write_image(data / "case_00002" / "aggregated_AND_seg.nii.gz", _image(kidney_only))
     (data / "kits.json").write_text(json.dumps([{"case_id": "case_00000"}, {"case_id": "case_00002"}]))
     return repo
-
-
-def _boxes_and_classes(root: Path, case: str) -> tuple[list[tuple], list[int]]:
-    converted = read_case(root, case)
-    ids, boxes = boxes_from_instance_map(converted.instance_map)
-    return [tuple(int(v) for v in box) for box in boxes], [converted.instances[int(i)] for i in ids]
 
 
 def test_tumour_instances_from_majority_vote(kits_source: Path, tmp_path: Path) -> None:
@@ -104,8 +89,8 @@ def test_tumour_instances_from_majority_vote(kits_source: Path, tmp_path: Path) 
     KiTS21Converter().convert(kits_source, out, show_progress=False)
     summary = check_converted_dataset(out)
     assert summary.case_ids == ["case_00000", "case_00002"] and summary.class_names == ["tumour"]
-    assert _boxes_and_classes(out, "case_00000") == ([BOX_A, BOX_B], [0, 0])
-    assert _boxes_and_classes(out, "case_00002") == ([], [])  # kidney only: a negative case
+    assert boxes_and_classes(out, "case_00000") == ([BOX_A, BOX_B], [0, 0])
+    assert boxes_and_classes(out, "case_00002") == ([], [])  # kidney only: a negative case
     record = read_dataset_json(out)["conversion"]
     assert record["segmentation"] == "aggregated_MAJ_seg.nii.gz"
     assert [d["box"] for d in record["dropped_components"]["case_00000"]] == [list(BOX_SPECK), list(BOX_SHEET)]
@@ -115,20 +100,20 @@ def test_cysts_as_second_class(kits_source: Path, tmp_path: Path) -> None:
     out = tmp_path / "converted"
     KiTS21Converter({"include_cysts": True}).convert(kits_source, out, show_progress=False)
     assert check_converted_dataset(out).class_names == ["tumour", "cyst"]
-    assert _boxes_and_classes(out, "case_00000") == ([BOX_A, BOX_B, BOX_CYST], [0, 0, 1])
+    assert boxes_and_classes(out, "case_00000") == ([BOX_A, BOX_B, BOX_CYST], [0, 0, 1])
 
 
 def test_face_connectivity_splits_the_corner_voxel(kits_source: Path, tmp_path: Path) -> None:
     out = tmp_path / "converted"
     KiTS21Converter({"connectivity": 6, "min_extent_mm": 0}).convert(kits_source, out, show_progress=False)
-    boxes, _ = _boxes_and_classes(out, "case_00000")
+    boxes, _ = boxes_and_classes(out, "case_00000")
     assert boxes == [(2, 2, 1, 6, 6, 3), (6, 6, 3, 7, 7, 4), BOX_B, BOX_SPECK, BOX_SHEET]
 
 
 def test_other_aggregation_can_be_chosen(kits_source: Path, tmp_path: Path) -> None:
     out = tmp_path / "converted"
     KiTS21Converter({"segmentation": "aggregated_AND_seg.nii.gz"}).convert(kits_source, out, show_progress=False)
-    assert _boxes_and_classes(out, "case_00000") == ([BOX_A], [0])
+    assert boxes_and_classes(out, "case_00000") == ([BOX_A], [0])
 
 
 def test_geometry_is_kept_and_data_folder_found_from_any_level(kits_source: Path, tmp_path: Path) -> None:
@@ -144,7 +129,7 @@ def test_geometry_is_kept_and_data_folder_found_from_any_level(kits_source: Path
 
 def test_missing_imaging_asks_for_get_imaging(kits_source: Path, tmp_path: Path) -> None:
     case = kits_source / "kits21" / "data" / "case_00001"
-    _write(case / "aggregated_MAJ_seg.nii.gz", _image(_majority_map()))
+    write_image(case / "aggregated_MAJ_seg.nii.gz", _image(_majority_map()))
     out = tmp_path / "converted"
     with pytest.raises(ConversionError, match=r"case_00001/imaging\.nii\.gz: CT volume is missing.*get_imaging"):
         KiTS21Converter().convert(kits_source, out, show_progress=False)
@@ -158,7 +143,7 @@ def test_unknown_label_value_and_settings_are_refused(kits_source: Path, tmp_pat
         KiTS21Converter({"segmentation": "aggregated_seg.nii.gz"})
     seg = _majority_map()
     seg[0, 0, 0] = 7
-    _write(kits_source / "kits21" / "data" / "case_00000" / "aggregated_MAJ_seg.nii.gz", _image(seg))
+    write_image(kits_source / "kits21" / "data" / "case_00000" / "aggregated_MAJ_seg.nii.gz", _image(seg))
     with pytest.raises(ConversionError, match=r"aggregated_MAJ_seg\.nii\.gz: unknown label values \[7\]"):
         KiTS21Converter().convert(kits_source, tmp_path / "converted", show_progress=False)
 
@@ -175,5 +160,5 @@ def test_download_layout_with_publisher_image_names(kits_source: Path, tmp_path:
     out = tmp_path / "converted"
     KiTS21Converter().convert(root, out, show_progress=False)
     assert check_converted_dataset(out).case_ids == ["case_00000", "case_00002"]
-    assert _boxes_and_classes(out, "case_00000") == ([BOX_A, BOX_B], [0, 0])
+    assert boxes_and_classes(out, "case_00000") == ([BOX_A, BOX_B], [0, 0])
     np.testing.assert_allclose(read_case(out, "case_00000").image[0], _ct(0), rtol=1e-6)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from dicom_fixtures import write_dicom_series
 from pretrain_det3d.data.boxes import boxes_from_instance_map
@@ -140,7 +139,7 @@ def test_lidc_single_reader_setting_keeps_nodule_b(lidc_source: Path, tmp_path: 
 def test_lidc_roi_outside_series_is_named(lidc_source: Path, tmp_path: Path) -> None:
     xml = next(lidc_source.rglob("069.xml"))
     xml.write_text(xml.read_text().replace(f"<imageZposition>{slice_z(4):.6f}</imageZposition><imageSOP_UID>{sop(4)}",
-                                           f"<imageZposition>999.0</imageZposition><imageSOP_UID>1.2.3"))
+                                           "<imageZposition>999.0</imageZposition><imageSOP_UID>1.2.3"))
     with pytest.raises(ConversionError, match=r"069\.xml: nodule 'IL057_1' of reader 2: slice 1\.2\.3"):
         convert_dataset("lidc", lidc_source, tmp_path / "converted", show_progress=False)
     assert not (tmp_path / "converted").exists()

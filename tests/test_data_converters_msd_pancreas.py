@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pretrain_det3d.data.boxes import boxes_from_instance_map
 from pretrain_det3d.data.converters.base import ConversionError
 from pretrain_det3d.data.converters.msd_pancreas import MSDPancreasConverter
 from pretrain_det3d.data.dataset_format import check_converted_dataset
 from pretrain_det3d.data.io import read_case, read_dataset_json
+from nifti_fixtures import boxes_and_classes, make_image, write_image
 
 SIZE_XYZ = (12, 11, 7)
 SPACING_XYZ = (0.8, 0.8, 2.5)
@@ -41,11 +41,7 @@ BOX_SPECK = (6, 9, 1, 7, 10, 2)
 
 
 def _image(array_zyx: np.ndarray) -> sitk.Image:
-    image = sitk.GetImageFromArray(array_zyx)
-    image.SetSpacing(SPACING_XYZ)
-    image.SetOrigin(ORIGIN_XYZ)
-    image.SetDirection(DIRECTION)
-    return image
+    return make_image(array_zyx, SPACING_XYZ, ORIGIN_XYZ, DIRECTION)
 
 
 def _ct(seed: int) -> np.ndarray:
@@ -60,11 +56,6 @@ def _labels_case1() -> np.ndarray:
     seg[5:7, 0:4, 8:12] = 2
     seg[6, 9, 1] = 2
     return seg
-
-
-def _write(path: Path, image: sitk.Image) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path), useCompression=True)
 
 
 def _msd_json(training: list[str], labels: dict | None = None) -> dict:
@@ -87,23 +78,17 @@ def _msd_json(training: list[str], labels: dict | None = None) -> dict:
 @pytest.fixture
 def msd_source(tmp_path: Path) -> Path:
     task = tmp_path / "msd" / "Task07_Pancreas"
-    _write(task / "imagesTr" / "pancreas_001.nii.gz", _image(_ct(1)))
-    _write(task / "labelsTr" / "pancreas_001.nii.gz", _image(_labels_case1()))
+    write_image(task / "imagesTr" / "pancreas_001.nii.gz", _image(_ct(1)))
+    write_image(task / "labelsTr" / "pancreas_001.nii.gz", _image(_labels_case1()))
     pancreas_only = np.zeros(SIZE_XYZ[::-1], dtype=np.uint8)
     pancreas_only[2:5, 2:8, 2:8] = 1
-    _write(task / "imagesTr" / "pancreas_004.nii.gz", _image(_ct(4)))
-    _write(task / "labelsTr" / "pancreas_004.nii.gz", _image(pancreas_only))
-    _write(task / "imagesTs" / "pancreas_002.nii.gz", _image(_ct(2)))
+    write_image(task / "imagesTr" / "pancreas_004.nii.gz", _image(_ct(4)))
+    write_image(task / "labelsTr" / "pancreas_004.nii.gz", _image(pancreas_only))
+    write_image(task / "imagesTs" / "pancreas_002.nii.gz", _image(_ct(2)))
     for folder in ("imagesTr", "labelsTr"):
         (task / folder / "._pancreas_001.nii.gz").write_bytes(b"\x00\x05\x16\x07Mac OS X resource fork")
     (task / "dataset.json").write_text(json.dumps(_msd_json(["pancreas_004", "pancreas_001"]), indent=4))
     return task
-
-
-def _boxes_and_classes(root: Path, case: str) -> tuple[list[tuple], list[int]]:
-    converted = read_case(root, case)
-    ids, boxes = boxes_from_instance_map(converted.instance_map)
-    return [tuple(int(v) for v in box) for box in boxes], [converted.instances[int(i)] for i in ids]
 
 
 def test_tumour_instances_by_connected_components(msd_source: Path, tmp_path: Path) -> None:
@@ -112,8 +97,8 @@ def test_tumour_instances_by_connected_components(msd_source: Path, tmp_path: Pa
     summary = check_converted_dataset(out)
     assert summary.case_ids == ["pancreas_001", "pancreas_004"]  # from dataset.json; ._ forks and imagesTs ignored
     assert summary.class_names == ["tumour"] and summary.modalities == ["CT"]
-    assert _boxes_and_classes(out, "pancreas_001") == ([BOX_T1, BOX_T2], [0, 0])
-    assert _boxes_and_classes(out, "pancreas_004") == ([], [])
+    assert boxes_and_classes(out, "pancreas_001") == ([BOX_T1, BOX_T2], [0, 0])
+    assert boxes_and_classes(out, "pancreas_004") == ([], [])
     record = read_dataset_json(out)["conversion"]
     assert [d["box"] for d in record["dropped_components"]["pancreas_001"]] == [list(BOX_SPECK)]
     assert record["source_labels"]["2"] == "cancer"
@@ -122,7 +107,7 @@ def test_tumour_instances_by_connected_components(msd_source: Path, tmp_path: Pa
 def test_size_filter_can_be_switched_off(msd_source: Path, tmp_path: Path) -> None:
     out = tmp_path / "converted"
     MSDPancreasConverter({"min_extent_mm": 0}).convert(msd_source.parent, out, show_progress=False)  # parent as root
-    assert _boxes_and_classes(out, "pancreas_001") == ([BOX_T1, BOX_T2, BOX_SPECK], [0, 0, 0])
+    assert boxes_and_classes(out, "pancreas_001") == ([BOX_T1, BOX_T2, BOX_SPECK], [0, 0, 0])
 
 
 def test_geometry_and_intensities_are_kept(msd_source: Path, tmp_path: Path) -> None:
@@ -150,7 +135,7 @@ def test_other_task_or_labels_are_refused(msd_source: Path, tmp_path: Path) -> N
     (msd_source / "dataset.json").write_text(json.dumps(_msd_json(["pancreas_001"])))
     seg = _labels_case1()
     seg[0, 0, 0] = 3
-    _write(msd_source / "labelsTr" / "pancreas_001.nii.gz", _image(seg))
+    write_image(msd_source / "labelsTr" / "pancreas_001.nii.gz", _image(seg))
     with pytest.raises(ConversionError, match=r"pancreas_001\.nii\.gz: unknown label values \[3\]"):
         MSDPancreasConverter().convert(msd_source, tmp_path / "b", show_progress=False)
     with pytest.raises(ConversionError, match="unknown settings"):
@@ -164,4 +149,4 @@ def test_tar_unpacked_into_its_own_folder(msd_source: Path, tmp_path: Path) -> N
     msd_source.rename(root / "Task07_Pancreas" / "Task07_Pancreas")
     out = tmp_path / "converted"
     MSDPancreasConverter().convert(root, out, show_progress=False)
-    assert _boxes_and_classes(out, "pancreas_001") == ([BOX_T1, BOX_T2], [0, 0])
+    assert boxes_and_classes(out, "pancreas_001") == ([BOX_T1, BOX_T2], [0, 0])

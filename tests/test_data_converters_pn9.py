@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pretrain_det3d.data.boxes import boxes_from_instance_map
 from pretrain_det3d.data.converters.base import ConversionError
 from pretrain_det3d.data.converters.pn9 import PN9_CLASSES, PN9Converter
 from pretrain_det3d.data.dataset_format import check_converted_dataset
 from pretrain_det3d.data.io import read_case, read_dataset_json
+from nifti_fixtures import boxes_and_classes
 
 SHAPE_ZYX = (20, 24, 28)
 HEADER = "pid,nodule_class,xmin,xmax,ymin,ymax,zmin,zmax,nodule_id,center_x,center_y,center_z,diameter,x_size,y_size"
@@ -87,20 +87,14 @@ def pn9_source(tmp_path: Path) -> Path:
     return root
 
 
-def _boxes_and_classes(root: Path, case: str) -> tuple[list[tuple], list[int]]:
-    converted = read_case(root, case)
-    ids, boxes = boxes_from_instance_map(converted.instance_map)
-    return [tuple(int(v) for v in box) for box in boxes], [converted.instances[int(i)] for i in ids]
-
-
 def test_boxes_become_solid_instances_with_exact_boxes(pn9_source: Path, tmp_path: Path) -> None:
     out = tmp_path / "converted"
     PN9Converter().convert(pn9_source, out, show_progress=False)
     summary = check_converted_dataset(out)
     assert summary.case_ids == ["00001", "00007", "00805"] and summary.class_names == ["nodule"]
-    assert _boxes_and_classes(out, "00001") == ([box for box, _ in EXPECTED_SCAN1], [0] * 6)
-    assert _boxes_and_classes(out, "00805") == ([(3, 2, 1, 7, 9, 10)], [0])
-    assert _boxes_and_classes(out, "00007") == ([], [])
+    assert boxes_and_classes(out, "00001") == ([box for box, _ in EXPECTED_SCAN1], [0] * 6)
+    assert boxes_and_classes(out, "00805") == ([(3, 2, 1, 7, 9, 10)], [0])
+    assert boxes_and_classes(out, "00007") == ([], [])
     record = read_dataset_json(out)["conversion"]
     assert record["duplicate_rows"] == {"00001": ["train_anno.csv:5"]}  # row D (line 5 of the file)
     assert record["boxes_clipped"] == {"00001": [[15, 19, 20, 23, 25, 30]]}  # inclusive z0 z1 y0 y1 x0 x1
@@ -114,7 +108,7 @@ def test_nine_classes(pn9_source: Path, tmp_path: Path) -> None:
     out = tmp_path / "converted"
     PN9Converter({"classes": "types"}).convert(pn9_source, out, show_progress=False)
     assert check_converted_dataset(out).class_names == list(PN9_CLASSES)
-    boxes, classes = _boxes_and_classes(out, "00001")
+    boxes, classes = boxes_and_classes(out, "00001")
     assert classes == [PN9_CLASSES.index(name) for _, name in EXPECTED_SCAN1]
     assert classes == [0, 5, 8, 1, 2, 6]  # by hand from PN9_CLASSES' order
 

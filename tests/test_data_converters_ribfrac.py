@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pretrain_det3d.data.boxes import boxes_from_instance_map
 from pretrain_det3d.data.converters.base import ConversionError
 from pretrain_det3d.data.converters.ribfrac import RibFracConverter
 from pretrain_det3d.data.dataset_format import check_converted_dataset
 from pretrain_det3d.data.io import read_case, read_dataset_json
+from nifti_fixtures import boxes_and_classes, make_image, write_image
 
 SIZE_XYZ = (12, 10, 8)
 SPACING_XYZ = (0.75, 0.8, 1.25)
@@ -45,11 +45,7 @@ DISPLACED_WORLD_CORNERS = ((-155.75, 82.65, -302.5), (-157.25, 83.45, -303.75))
 
 
 def _image(array_zyx: np.ndarray) -> sitk.Image:
-    image = sitk.GetImageFromArray(array_zyx)
-    image.SetSpacing(SPACING_XYZ)
-    image.SetOrigin(ORIGIN_XYZ)
-    image.SetDirection(DIRECTION)
-    return image
+    return make_image(array_zyx, SPACING_XYZ, ORIGIN_XYZ, DIRECTION)
 
 
 def _ct(seed: int) -> np.ndarray:
@@ -66,31 +62,20 @@ def _label_case1() -> np.ndarray:
     return label
 
 
-def _write(path: Path, image: sitk.Image) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path), useCompression=True)
-
-
 @pytest.fixture
 def ribfrac_source(tmp_path: Path) -> Path:
     root = tmp_path / "ribfrac"
-    _write(root / "ribfrac-train-images-1/Part1/RibFrac1-image.nii.gz", _image(_ct(1)))
-    _write(root / "ribfrac-train-labels-1/Part1/RibFrac1-label.nii.gz", _image(_label_case1()))
+    write_image(root / "ribfrac-train-images-1/Part1/RibFrac1-image.nii.gz", _image(_ct(1)))
+    write_image(root / "ribfrac-train-labels-1/Part1/RibFrac1-label.nii.gz", _image(_label_case1()))
     (root / "ribfrac-train-images-1/Part1/._RibFrac1-image.nii.gz").write_bytes(b"\x00\x05\x16\x07 not an image")
     (root / "ribfrac-train-info-1.csv").write_text(
         "public_id,label_id,label_code\nRibFrac1,0,0\nRibFrac1,1,3\nRibFrac1,2,-1\nRibFrac1,3,1\n")
-    _write(root / "ribfrac-train-images-2/Part2/RibFrac2-image.nii.gz", _image(_ct(2)))
-    _write(root / "ribfrac-train-labels-2/Part2/RibFrac2-label.nii.gz",
+    write_image(root / "ribfrac-train-images-2/Part2/RibFrac2-image.nii.gz", _image(_ct(2)))
+    write_image(root / "ribfrac-train-labels-2/Part2/RibFrac2-label.nii.gz",
            _image(np.zeros(SIZE_XYZ[::-1], dtype=np.uint8)))
     (root / "ribfrac-train-info-2.csv").write_text("public_id,label_id,label_code\nRibFrac2,0,0\n")
-    _write(root / "ribfrac-test-images/RibFrac501-image.nii.gz", _image(_ct(3)))
+    write_image(root / "ribfrac-test-images/RibFrac501-image.nii.gz", _image(_ct(3)))
     return root
-
-
-def _boxes_and_classes(root: Path, case: str) -> tuple[list[tuple], list[int]]:
-    converted = read_case(root, case)
-    ids, boxes = boxes_from_instance_map(converted.instance_map)
-    return [tuple(int(v) for v in box) for box in boxes], [converted.instances[int(i)] for i in ids]
 
 
 def test_one_fracture_class_keeps_undefined_types(ribfrac_source: Path, tmp_path: Path) -> None:
@@ -99,10 +84,10 @@ def test_one_fracture_class_keeps_undefined_types(ribfrac_source: Path, tmp_path
     summary = check_converted_dataset(out)
     assert summary.case_ids == ["RibFrac1", "RibFrac2"]  # the test image without labels is not converted
     assert summary.class_names == ["fracture"] and summary.modalities == ["CT"]
-    boxes, classes = _boxes_and_classes(out, "RibFrac1")
+    boxes, classes = boxes_and_classes(out, "RibFrac1")
     assert boxes == [BOX_BUCKLE, BOX_UNCERTAIN, BOX_DISPLACED]
     assert classes == [0, 0, 0]
-    assert _boxes_and_classes(out, "RibFrac2") == ([], [])
+    assert boxes_and_classes(out, "RibFrac2") == ([], [])
     record = read_dataset_json(out)["conversion"]
     assert record["images_without_labels"] == ["RibFrac501"]
     assert record["dropped_uncertain"] == {}
@@ -112,7 +97,7 @@ def test_four_types_exclude_undefined_type(ribfrac_source: Path, tmp_path: Path)
     out = tmp_path / "converted"
     RibFracConverter({"classes": "types"}).convert(ribfrac_source, out, show_progress=False)
     assert check_converted_dataset(out).class_names == ["displaced", "nondisplaced", "buckle", "segmental"]
-    boxes, classes = _boxes_and_classes(out, "RibFrac1")
+    boxes, classes = boxes_and_classes(out, "RibFrac1")
     assert boxes == [BOX_BUCKLE, BOX_DISPLACED]  # label 2 (code -1) erased, label 3 renumbered to 2
     assert classes == [2, 0]  # buckle (code 3) -> index 2, displaced (code 1) -> index 0
     record = read_dataset_json(out)["conversion"]
@@ -123,7 +108,7 @@ def test_four_types_exclude_undefined_type(ribfrac_source: Path, tmp_path: Path)
 def test_one_class_can_drop_undefined_types(ribfrac_source: Path, tmp_path: Path) -> None:
     out = tmp_path / "converted"
     RibFracConverter({"uncertain": "drop"}).convert(ribfrac_source, out, show_progress=False)
-    assert _boxes_and_classes(out, "RibFrac1") == ([BOX_BUCKLE, BOX_DISPLACED], [0, 0])
+    assert boxes_and_classes(out, "RibFrac1") == ([BOX_BUCKLE, BOX_DISPLACED], [0, 0])
 
 
 def test_geometry_and_intensities_are_kept(ribfrac_source: Path, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ Example:
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 #: how a source is obtained; the gated kinds need ``path:`` (a copy the user fetched)
