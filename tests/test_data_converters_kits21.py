@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nifti_fixtures import boxes_and_classes, make_image, write_image
 from pretrain_det3d.data.converters.base import ConversionError
 from pretrain_det3d.data.converters.kits21 import KiTS21Converter
 from pretrain_det3d.data.dataset_format import check_converted_dataset
 from pretrain_det3d.data.io import read_case, read_dataset_json
-from nifti_fixtures import boxes_and_classes, make_image, write_image
 
 SIZE_XYZ = (6, 14, 12)
 SPACING_XYZ = (3.0, 0.78, 0.78)

@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nifti_fixtures import boxes_and_classes, make_image, write_image
 from pretrain_det3d.data.converters.base import ConversionError
 from pretrain_det3d.data.converters.msd_pancreas import MSDPancreasConverter
 from pretrain_det3d.data.dataset_format import check_converted_dataset
 from pretrain_det3d.data.io import read_case, read_dataset_json
-from nifti_fixtures import boxes_and_classes, make_image, write_image
 
 SIZE_XYZ = (12, 11, 7)
 SPACING_XYZ = (0.8, 0.8, 2.5)

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nifti_fixtures import boxes_and_classes
 from pretrain_det3d.data.converters.base import ConversionError
 from pretrain_det3d.data.converters.pn9 import PN9_CLASSES, PN9Converter
 from pretrain_det3d.data.dataset_format import check_converted_dataset
 from pretrain_det3d.data.io import read_case, read_dataset_json
-from nifti_fixtures import boxes_and_classes
 
 SHAPE_ZYX = (20, 24, 28)
 HEADER = "pid,nodule_class,xmin,xmax,ymin,ymax,zmin,zmax,nodule_id,center_x,center_y,center_z,diameter,x_size,y_size"

@@ -8,12 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
 
+from corpus_fixtures import write_blob_corpus
 from pretrain_det3d.pretraining import METHODS, run_pretraining
 from pretrain_det3d.pretraining.masking import block_mask, masked_mse, num_masked_blocks
 from pretrain_det3d.training.dataloader import load_case_records
 from pretrain_det3d.utils.registry import UnknownNameError
+
+
+def _write_corpus_small(root: Path, num_cases: int = 4) -> None:
+    write_blob_corpus(root, num_cases, shape=(24, 24, 24))
 
 
 def test_block_mask_hand_worked_case():
@@ -65,16 +69,6 @@ def test_loss_counts_masked_voxels_only():
     assert masked_mse(changed, target, mask).item() != pytest.approx(loss.item(), rel=1e-3)
 
 
-def _write_corpus(root: Path, num_cases: int = 4, shape=(24, 24, 24)) -> None:
-    rng = np.random.default_rng(0)
-    (root / "cases").mkdir(parents=True)
-    for i in range(num_cases):
-        # smooth blobs: structure a network can learn to fill in
-        volume = ndimage.gaussian_filter(rng.normal(size=shape), sigma=2.5)
-        volume = (volume - volume.mean()) / volume.std()
-        np.save(root / "cases" / f"vol_{i:03d}.npy", volume[None].astype(np.float32))
-
-
 class _Recorder(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -87,7 +81,7 @@ class _Recorder(torch.nn.Module):
 
 
 def test_masked_input_is_zero_and_loss_uses_the_mask(tmp_path):
-    _write_corpus(tmp_path)
+    _write_corpus_small(tmp_path)
     records = load_case_records(tmp_path, ["vol_000"], with_labels=False)
     settings = {"preset": "resenc_demo", "patch_size": [16, 16, 16], "mask_block": 4, "iterations": 2,
                 "batch_size": 2, "progress_bar": False}
@@ -108,7 +102,7 @@ def test_mae_loss_falls_and_checkpoint_is_written(tmp_path):
     from pretrain_det3d.models.checkpoint import load_pretrained_encoder
 
     corpus = tmp_path / "corpus"
-    _write_corpus(corpus)
+    _write_corpus_small(corpus)
     out = tmp_path / "pretrain" / "mae" / "checkpoint_final.pth"
     settings = {"preset": "resenc_demo", "patch_size": [16, 16, 16], "mask_block": 4, "iterations": 20,
                 "batch_size": 2, "checkpoint_every": 10, "threads": 1, "progress_bar": False,
@@ -127,7 +121,7 @@ def test_mae_loss_falls_and_checkpoint_is_written(tmp_path):
 
 
 def test_paused_pretraining_resumes_exactly(tmp_path):
-    _write_corpus(tmp_path / "corpus", num_cases=2)
+    _write_corpus_small(tmp_path / "corpus", num_cases=2)
     records = load_case_records(tmp_path / "corpus", ["vol_000", "vol_001"], with_labels=False)
     settings = {"preset": "resenc_demo", "patch_size": [16, 16, 16], "mask_block": 8, "iterations": 4,
                 "batch_size": 1, "progress_bar": False, "augmentation": True}

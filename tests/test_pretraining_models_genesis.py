@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain_det3d.data.synthetic import make_phantom
+from corpus_fixtures import write_phantom_corpus
 from pretrain_det3d.models.backbone import build_resenc_unet
 from pretrain_det3d.pretraining import METHODS
 from pretrain_det3d.pretraining.genesis_transforms import (
@@ -217,20 +217,10 @@ def test_corrupt_batch_is_seeded_and_targets_are_the_flipped_images():
         assert np.array_equal(a["images"][i].numpy(), pair.target)
 
 
-def _write_corpus(root: Path, num_cases: int = 3, shape=(40, 40, 40)) -> None:
-    """Phantoms of the synthetic corpus (body, organs, lesions), z-scored like the preprocessed corpus."""
-    (root / "cases").mkdir(parents=True)
-    for i in range(num_cases):
-        phantom = make_phantom({"shape": list(shape), "spacing": [1.0, 1.0, 1.0]}, np.random.default_rng(i))
-        volume = phantom.image.astype(np.float32)
-        volume = (volume - volume.mean()) / volume.std()
-        np.save(root / "cases" / f"vol_{i:03d}.npy", volume[None])
-
-
 def _trainer(tmp_path: Path, **overrides):
     corpus = tmp_path / "corpus"
     if not corpus.exists():
-        _write_corpus(corpus)
+        write_phantom_corpus(corpus)
     records = load_case_records(corpus, ["vol_000", "vol_001", "vol_002"], with_labels=False)
     settings = {"preset": "resenc_demo", "patch_size": list(PATCH), "iterations": 2, "batch_size": 2,
                 "progress_bar": False, "local_shuffle_blocks": 300, **overrides}

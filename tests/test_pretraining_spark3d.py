@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain_det3d.data.synthetic import make_phantom
+from corpus_fixtures import write_phantom_corpus
 from pretrain_det3d.models.backbone import build_resenc_unet
 from pretrain_det3d.pretraining import METHODS, run_pretraining
 from pretrain_det3d.pretraining.masking import block_mask
@@ -19,16 +19,6 @@ from pretrain_det3d.training.dataloader import load_case_records
 PATCH = (32, 32, 32)
 BLOCK = 8  # the demo preset's deepest stage has stride 8: every stage is aligned with the blocks
 DEMO_STRIDES = [1, 2, 2, 2]
-
-
-def _write_corpus(root: Path, num_cases: int = 3, shape=(40, 40, 40)) -> None:
-    """Phantoms of the synthetic corpus (body, organs, lesions), z-scored like the preprocessed corpus."""
-    (root / "cases").mkdir(parents=True)
-    for i in range(num_cases):
-        phantom = make_phantom({"shape": list(shape), "spacing": [1.0, 1.0, 1.0]}, np.random.default_rng(i))
-        volume = phantom.image.astype(np.float32)
-        volume = (volume - volume.mean()) / volume.std()
-        np.save(root / "cases" / f"vol_{i:03d}.npy", volume[None])
 
 
 def _network(seed: int = 0) -> SparkNetwork:
@@ -128,7 +118,7 @@ def test_every_mask_token_receives_gradients():
 
 
 def _trainer(tmp_path: Path, **overrides):
-    _write_corpus(tmp_path / "corpus", num_cases=1)
+    write_phantom_corpus(tmp_path / "corpus", num_cases=1)
     records = load_case_records(tmp_path / "corpus", ["vol_000"], with_labels=False)
     settings = {"preset": "resenc_demo", "patch_size": list(PATCH), "mask_block": BLOCK, "iterations": 2,
                 "batch_size": 2, "progress_bar": False, **overrides}
@@ -177,7 +167,7 @@ def test_spark_loss_falls_and_checkpoint_is_a_plain_unet(tmp_path):
     from pretrain_det3d.models.checkpoint import load_pretrained_encoder
 
     corpus = tmp_path / "corpus"
-    _write_corpus(corpus)
+    write_phantom_corpus(corpus)
     out = tmp_path / "pretrain" / "spark3d" / "checkpoint_final.pth"
     settings = {"preset": "resenc_demo", "patch_size": list(PATCH), "mask_block": BLOCK, "iterations": 24,
                 "batch_size": 2, "checkpoint_every": 12, "threads": 1, "progress_bar": False,
@@ -197,7 +187,7 @@ def test_spark_loss_falls_and_checkpoint_is_a_plain_unet(tmp_path):
 
 
 def test_paused_spark_resumes_exactly(tmp_path):
-    _write_corpus(tmp_path / "corpus", num_cases=1)
+    write_phantom_corpus(tmp_path / "corpus", num_cases=1)
     records = load_case_records(tmp_path / "corpus", ["vol_000"], with_labels=False)
     settings = {"preset": "resenc_demo", "patch_size": [16, 16, 16], "mask_block": 8, "iterations": 4,
                 "batch_size": 1, "progress_bar": False}

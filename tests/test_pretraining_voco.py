@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
 
+from corpus_fixtures import write_blob_corpus
 from pretrain_det3d.pretraining import METHODS, run_pretraining
 from pretrain_det3d.pretraining.voco import (
     base_crop_starts,
@@ -104,15 +104,6 @@ def test_prediction_and_regularisation_terms():
     assert regularisation_loss(torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])).item() == pytest.approx(1.0)
 
 
-def _write_corpus(root: Path, num_cases: int = 3, shape=(40, 40, 40)) -> None:
-    rng = np.random.default_rng(0)
-    (root / "cases").mkdir(parents=True)
-    for i in range(num_cases):
-        volume = ndimage.gaussian_filter(rng.normal(size=shape), sigma=2.5)
-        volume = (volume - volume.mean()) / volume.std()
-        np.save(root / "cases" / f"vol_{i:03d}.npy", volume[None].astype(np.float32))
-
-
 class _CropRecorder(torch.nn.Module):
     """Embeds each crop by its mean (plus a learnable scale) and keeps the crops it saw."""
 
@@ -127,7 +118,7 @@ class _CropRecorder(torch.nn.Module):
 
 
 def test_compute_losses_feeds_base_then_target_crops(tmp_path):
-    _write_corpus(tmp_path, num_cases=1)
+    write_blob_corpus(tmp_path, num_cases=1)
     records = load_case_records(tmp_path, ["vol_000"], with_labels=False)
     settings = {"preset": "resenc_demo", "patch_size": [32, 32, 32], "base_grid": 2, "num_target_crops": 3,
                 "iterations": 2, "batch_size": 2, "progress_bar": False}
@@ -147,7 +138,7 @@ def test_compute_losses_feeds_base_then_target_crops(tmp_path):
 
 
 def test_base_grid_must_divide_the_patch(tmp_path):
-    _write_corpus(tmp_path, num_cases=1)
+    write_blob_corpus(tmp_path, num_cases=1)
     records = load_case_records(tmp_path, ["vol_000"], with_labels=False)
     with pytest.raises(ValueError, match="base_grid"):
         METHODS.get("voco")({"preset": "resenc_demo", "patch_size": [32, 32, 24], "base_grid": [2, 2, 5]},
@@ -159,7 +150,7 @@ def test_voco_loss_falls_and_encoder_transfers(tmp_path):
     from pretrain_det3d.models.checkpoint import load_pretrained_encoder
 
     corpus = tmp_path / "corpus"
-    _write_corpus(corpus)
+    write_blob_corpus(corpus)
     out = tmp_path / "pretrain" / "voco" / "checkpoint_final.pth"
     settings = {"preset": "resenc_demo", "patch_size": [32, 32, 32], "base_grid": 2, "num_target_crops": 4,
                 "iterations": 20, "batch_size": 2, "threads": 1, "progress_bar": False, "optimizer": "adamw",
@@ -189,7 +180,7 @@ def test_voco_loss_falls_and_encoder_transfers(tmp_path):
 
 
 def test_paused_voco_resumes_exactly(tmp_path):
-    _write_corpus(tmp_path / "corpus", num_cases=2)
+    write_blob_corpus(tmp_path / "corpus", num_cases=2)
     records = load_case_records(tmp_path / "corpus", ["vol_000", "vol_001"], with_labels=False)
     settings = {"preset": "resenc_demo", "patch_size": [32, 32, 32], "iterations": 4, "batch_size": 1,
                 "num_target_crops": 2, "threads": 1, "progress_bar": False}
