@@ -162,8 +162,7 @@ class TrainingSettings:
             raise ValueError(f"settings key 'amp_dtype' must be one of {sorted(AMP_DTYPES)}, got {self.amp_dtype!r}")
         if int(self.prefetch_factor) <= 0:
             raise ValueError(f"settings key 'prefetch_factor' must be positive, got {self.prefetch_factor}")
-        if self.channels_last not in CHANNELS_LAST_CHOICES:
-            raise ValueError(f"settings key 'channels_last' must be 'auto', true or false, got {self.channels_last!r}")
+        check_channels_last(self.channels_last)
 
     def augmentation_params(self) -> AugmentationParams | None:
         if self.augmentation is True:
@@ -216,6 +215,12 @@ def resolve_amp_dtype(device: torch.device, mixed_precision: bool, amp_dtype: st
     return None
 
 
+def check_channels_last(channels_last: bool | str) -> None:
+    """Refuse a ``channels_last`` setting other than ``"auto"``, true or false, naming the key."""
+    if channels_last not in CHANNELS_LAST_CHOICES:
+        raise ValueError(f"settings key 'channels_last' must be 'auto', true or false, got {channels_last!r}")
+
+
 def resolve_channels_last(device: torch.device, channels_last: bool | str = "auto") -> bool:
     """Whether a run keeps its 3D convolution weights in ``torch.channels_last_3d`` layout.
 
@@ -229,8 +234,7 @@ def resolve_channels_last(device: torch.device, channels_last: bool | str = "aut
         >>> resolve_channels_last(torch.device("cpu")), resolve_channels_last(torch.device("cpu"), False)
         (True, False)
     """
-    if channels_last not in CHANNELS_LAST_CHOICES:
-        raise ValueError(f"settings key 'channels_last' must be 'auto', true or false, got {channels_last!r}")
+    check_channels_last(channels_last)
     if channels_last == "auto":
         return device.type == "cpu"
     return bool(channels_last)
