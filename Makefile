@@ -32,6 +32,12 @@ report: install
 test: install
 	$(RUN) python -m pytest -q
 
+## Rewrite the README's demo table (between its demo-table markers) from the last demo's
+## results/tables/main_results.csv, dated by its metric files.
+.PHONY: demo-table
+demo-table: install
+	$(RUN) python -m pretrain_det3d demo-table
+
 ## Unit tests only (no workflow runs).
 test-fast: install
 	$(RUN) python -m pytest -q -m "not slow"

@@ -203,6 +203,16 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     print(format_table(record))
 
 
+def cmd_demo_table(args: argparse.Namespace) -> None:
+    import datetime
+
+    from pretrain_det3d.analysis.demo_table import write_demo_table
+
+    date = datetime.date.fromisoformat(args.date) if args.date else None
+    block = write_demo_table(args.main_results, args.readme, args.metrics_root, args.config, date, args.print)
+    print(block if args.print else f"{args.readme}: demo table rewritten from {args.main_results}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pretrain_det3d", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -337,6 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--settings", type=_settings, default={}, help="further BenchmarkSettings as JSON")
     p.add_argument("--out", type=Path, default=None, help="JSON record (written atomically)")
+    p = verb("demo-table", cmd_demo_table, "rewrite the README's demo table from a finished run's main results")
+    p.add_argument("--main-results", type=Path, default=Path("results/tables/main_results.csv"))
+    p.add_argument("--readme", type=Path, default=Path("README.md"))
+    p.add_argument("--metrics-root", type=Path, default=Path("results/metrics"),
+                   help="metric JSONs whose newest modification time dates the run")
+    p.add_argument("--config", type=Path, default=Path("config/config.yaml"),
+                   help="study config giving the order of initialisations and detectors")
+    p.add_argument("--date", default=None, help="run date YYYY-MM-DD instead of the metric files' time")
+    p.add_argument("--print", action="store_true", help="print the block and leave the README unchanged")
     return parser
 
 
