@@ -21,3 +21,15 @@ class DatasetFormatError(ValueError):
     def for_file(cls, path: str | os.PathLike, problem: str) -> "DatasetFormatError":
         """Build the error with the ``"{path}: {problem}"`` message every check uses."""
         return cls(f"{os.fspath(path)}: {problem}")
+
+
+class CorruptFileError(DatasetFormatError):
+    """A file's bytes are incomplete or damaged (cut short by a killed copy, a full disk, a bad download).
+
+    A subclass of :class:`DatasetFormatError`, so every caller that handles malformed data handles this too;
+    its own type lets a tool tell "regenerate or re-download this file" apart from "the content is wrong".
+
+    Example:
+        >>> str(CorruptFileError.for_file("/d/cases/a.npy", "truncated"))
+        '/d/cases/a.npy: truncated'
+    """

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -28,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from pretrain_det3d.data.errors import DatasetFormatError
+from pretrain_det3d.data.errors import CorruptFileError, DatasetFormatError
 from pretrain_det3d.utils.atomic import atomic_path, write_json
 
 DATASET_JSON = "dataset.json"
@@ -147,18 +149,259 @@ def list_case_ids(root: str | os.PathLike) -> list[str]:
     return sorted(cases)
 
 
+# ---- integrity of image and array files -------------------------------------------------------------------
+# SimpleITK (ITK's NIfTI reader) fills the voxels missing from a truncated file with zeros and says nothing, so
+# every image is checked before SimpleITK sees it: a gzip stream is decompressed to its end (zlib verifies the
+# end-of-stream marker, the CRC-32 and the length), and the voxel bytes are counted against what the header's
+# dimensions and pixel type need. The check streams in chunks, so it needs no memory beyond one chunk.
+_CHUNK_BYTES = 1 << 22
+_GZIP_MAGIC = b"\x1f\x8b"
+#: bytes of the leading header kept from the decompressed stream (a NIfTI-2 header is 540 bytes)
+_HEADER_BYTES = 1 << 16
+#: MetaImage element type -> bytes per element (MetaIO's own table; MET_LONG is 4 bytes there)
+_MET_ELEMENT_BYTES = {
+    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+    "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8,
+}
+
+
+class _Damaged(Exception):
+    """Raised inside the integrity check: ``path`` (the header or its data file) and what is wrong with it."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(path, problem)
+        self.path, self.problem = path, problem
+
+
+@dataclass(frozen=True)
+class _Payload:
+    """What the bytes of a file must hold: ``nbytes`` of voxels from ``offset`` on."""
+
+    offset: int
+    nbytes: int
+    described: str  # how the header states it, for the error message
+
+
+def _decompressed_length(path: Path, start: int = 0) -> tuple[bytes, int]:
+    """Decompress the gzip/zlib stream of ``path`` from byte ``start`` to its end; return ``(head, length)``.
+
+    ``head`` is the first ``_HEADER_BYTES`` decompressed bytes. A stream without its end-of-stream marker (a
+    truncated file) or with damaged data raises :class:`_Damaged`. Further gzip members are read too
+    (``cat a.gz b.gz`` is a valid gzip file); bytes after the last member are ignored, as zlib's readers do.
+    """
+    head, length, size = b"", 0, path.stat().st_size
+    decompressor = zlib.decompressobj(47)  # 32 + 15: zlib or gzip wrapper, detected from the first bytes
+    with path.open("rb") as handle:
+        handle.seek(start)
+        try:
+            while True:
+                if decompressor.eof:
+                    rest = decompressor.unused_data
+                    if len(rest) < len(_GZIP_MAGIC):
+                        rest += handle.read(_CHUNK_BYTES)
+                    if not rest.startswith(_GZIP_MAGIC):
+                        return head, length
+                    decompressor, chunk = zlib.decompressobj(47), rest
+                else:
+                    chunk = handle.read(_CHUNK_BYTES)
+                    if not chunk:
+                        break
+                data = decompressor.decompress(chunk)
+                length += len(data)
+                if len(head) < _HEADER_BYTES:
+                    head += data[: _HEADER_BYTES - len(head)]
+        except zlib.error as error:
+            raise _Damaged(
+                path, f"corrupt compressed data ({error}); the file is damaged, "
+                "copy or convert it again"
+            ) from None
+    if not decompressor.eof:
+        raise _Damaged(
+            path, f"truncated: the compressed stream ends without its end marker ({size} bytes on disk, "
+            f"{length} bytes decompressed); the file was cut short, copy or convert it again"
+        )
+    return head, length
+
+
+def _nifti_payload(head: bytes) -> _Payload | None:
+    """Voxel offset and byte count from a NIfTI-1 or NIfTI-2 header; ``None`` if ``head`` is no such header.
+
+    Example:
+        >>> import struct
+        >>> header = bytearray(348); header[:4] = struct.pack("<i", 348); header[344:348] = b"n+1\\0"
+        >>> header[40:56] = struct.pack("<8h", 3, 4, 5, 6, 1, 1, 1, 1); header[72:74] = struct.pack("<h", 16)
+        >>> header[108:112] = struct.pack("<f", 352.0)
+        >>> _nifti_payload(bytes(header))
+        _Payload(offset=352, nbytes=240, described='4 x 5 x 6 voxels of 16 bits')
+    """
+    for endian in "<>":
+        if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:
+            if head[344:347] != b"n+1":
+                return None  # a header/image pair (.hdr/.img): the voxels are in another file
+            dims = struct.unpack(endian + "8h", head[40:56])
+            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            vox_offset, minimum = int(struct.unpack(endian + "f", head[108:112])[0]), 352
+            break
+        if len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:
+            if head[4:7] != b"n+2":
+                return None
+            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            dims = struct.unpack(endian + "8q", head[16:80])
+            vox_offset, minimum = struct.unpack(endian + "q", head[168:176])[0], 544
+            break
+    else:
+        return None
+    ndim = dims[0]
+    extents = dims[1 : ndim + 1]
+    if not 1 <= ndim <= 7 or min(extents) < 1 or bitpix < 1:
+        return None  # nonsense that SimpleITK refuses with its own message
+    count = int(np.prod(extents, dtype=np.int64))
+    return _Payload(
+        offset=max(vox_offset, minimum),
+        nbytes=(count * bitpix + 7) // 8,
+        described=f"{' x '.join(str(e) for e in extents)} voxels of {bitpix} bits",
+    )
+
+
+def _metaimage_header(path: Path) -> tuple[dict[str, str], int]:
+    """``key -> value`` of a MetaImage header and the byte where its data starts (after ``ElementDataFile``)."""
+    with path.open("rb") as handle:
+        text = handle.read(_HEADER_BYTES)
+    fields, position = {}, 0
+    for line in text.splitlines(keepends=True):
+        position += len(line)
+        key, sep, value = line.decode("latin-1").partition("=")
+        if not sep:
+            break
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":  # always the last header entry
+            break
+    return fields, position
+
+
+def _metaimage_payload(fields: Mapping[str, str]) -> _Payload | None:
+    """Voxel byte count from a MetaImage header; ``None`` where the header is not one this check understands."""
+    try:
+        ndims = int(fields["NDims"])
+        extents = [int(v) for v in fields["DimSize"].split()][:ndims]
+        element = _MET_ELEMENT_BYTES[fields["ElementType"]]
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+    except (KeyError, ValueError):
+        return None
+    if len(extents) != ndims or min(extents, default=0) < 1:
+        return None
+    count = int(np.prod(extents, dtype=np.int64)) * channels
+    return _Payload(0, count * element, f"{' x '.join(map(str, extents))} x {channels} elements of "
+                                        f"{fields['ElementType']}")
+
+
+def _require(path: Path, payload: _Payload | None, available: int, where: str) -> None:
+    if payload is not None and available - payload.offset < payload.nbytes:
+        raise _Damaged(
+            path,
+            f"truncated: its header promises {payload.described} ({payload.nbytes} bytes"
+            f"{f' after byte {payload.offset}' if payload.offset else ''}), {where} holds only "
+            f"{max(available - payload.offset, 0)}; the file was cut short, "
+            "copy or convert it again",
+        )
+
+
+def _check_metaimage(path: Path) -> None:
+    fields, data_start = _metaimage_header(path)
+    payload = _metaimage_payload(fields)
+    data_file = fields.get("ElementDataFile", "")
+    if data_file == "LOCAL":
+        data_path = path
+    elif data_file and data_file != "LIST" and "%" not in data_file.split()[0]:
+        data_path = path.parent / data_file
+        data_start = max(int(fields.get("HeaderSize", "0") or 0), 0)  # -1: data is the tail of the file
+        if not data_path.is_file():
+            raise _Damaged(path, f"its data file {data_path} is missing")
+    else:
+        return  # slice lists and file patterns: SimpleITK reads (and checks) each file
+    if fields.get("CompressedData", "False").lower() == "true":
+        _, length = _decompressed_length(data_path, start=data_start)
+        _require(data_path, payload, length, "the decompressed data")
+    else:
+        _require(data_path, payload, data_path.stat().st_size - data_start, "the file")
+
+
+def check_image_file(path: str | os.PathLike) -> None:
+    """Raise :class:`CorruptFileError` if an image file is truncated or its compressed data is damaged.
+
+    NIfTI (``.nii``, ``.nii.gz``, also ``.nii.gz`` files that are not compressed) and MetaImage (``.mha``,
+    ``.mhd`` + raw or zraw) are checked: compressed streams are decompressed to their end, and the voxel bytes
+    are counted against the header's dimensions and pixel type. Other formats are left to SimpleITK, whose NRRD
+    and DICOM readers were seen to refuse short data themselves.
+
+    Example:
+        >>> check_image_file("converted/demo/imagesTr/case_000_0000.nii.gz")  # doctest: +SKIP
+    """
+    path = Path(path)
+    try:
+        _check_image_bytes(path)
+    except _Damaged as damage:
+        raise CorruptFileError.for_file(
+            damage.path, f"cannot be read as {_format_name(path)}: {damage.problem}"
+            + ("" if damage.path == path else f" (data file of {path})")
+        ) from None
+
+
+def _check_image_bytes(path: Path) -> None:
+    name = path.name.lower()
+    if name.endswith((".mha", ".mhd")):
+        _check_metaimage(path)
+        return
+    if not name.endswith((".nii", ".nii.gz", ".gz")):
+        return
+    with path.open("rb") as handle:
+        compressed = handle.read(2) == _GZIP_MAGIC  # ITK reads by content, so judge by the magic, not the name
+    if compressed:
+        head, length = _decompressed_length(path)
+        _require(path, _nifti_payload(head), length, "the decompressed file")
+    elif name.endswith((".nii", ".nii.gz")):  # an uncompressed file named .nii.gz is read as such by ITK too
+        with path.open("rb") as handle:
+            head = handle.read(_HEADER_BYTES)
+        _require(path, _nifti_payload(head), path.stat().st_size, "the file")
+
+
+def _format_name(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return "a NIfTI image"
+    if name.endswith((".mha", ".mhd")):
+        return "a MetaImage"
+    return "an image"
+
+
 def read_image(path: str | os.PathLike) -> sitk.Image:
-    """Read a 3D single-component image; a missing or unreadable file raises ``DatasetFormatError``."""
+    """Read a 3D single-component image after :func:`check_image_file`; every problem raises
+    :class:`DatasetFormatError` naming the file (:class:`CorruptFileError` for truncated or damaged bytes).
+
+    This is the one image reader of the project: converters, the format check, preprocessing and evaluation
+    all read through it, so none of them can see the zero-filled image SimpleITK makes of a cut-short file.
+
+    Example:
+        >>> read_image("converted/demo/labelsTr/case_000.nii.gz").GetSize()  # doctest: +SKIP
+        (64, 64, 32)
+    """
     path = Path(path)
     if not path.is_file():
         raise DatasetFormatError.for_file(path, "file is missing")
+    shadow = path.with_name(path.name[: -len(".gz")])
+    if path.name.lower().endswith(".nii.gz") and shadow.is_file():
+        # ITK's NIfTI library looks for "x.nii" before "x.nii.gz" and silently reads that other file (seen here)
+        raise DatasetFormatError.for_file(
+            path, f"{shadow.name} lies beside it and SimpleITK would read that file instead; remove or rename one"
+        )
+    check_image_file(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         # SimpleITK's message is long (C++ file and line); its last non-empty line says what went wrong.
         detail = [line.strip() for line in str(error).splitlines() if line.strip()]
         raise DatasetFormatError.for_file(
-            path, f"cannot be read as a NIfTI image ({detail[-1] if detail else 'unknown reason'})"
+            path, f"cannot be read as {_format_name(path)} ({detail[-1] if detail else 'unknown reason'})"
         ) from error
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise DatasetFormatError.for_file(
@@ -167,6 +410,55 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
             f"{image.GetNumberOfComponentsPerPixel()} components",
         )
     return image
+
+
+#: What to do about a damaged array written by this workflow (the ``cases`` folder is a rule's output).
+NPY_REGENERATE_HINT = (
+    "delete the folder {folder} and rerun snakemake: it is the output of rule preprocess_dataset "
+    "(preprocess_corpus for a pre-training corpus), which writes it again"
+)
+
+
+def load_npy(path: str | os.PathLike, mmap_mode: str | None = None, regenerate: str = NPY_REGENERATE_HINT) -> np.ndarray:
+    """``np.load`` of a ``.npy`` array (memory-mapped with ``mmap_mode``) that names the file when it is damaged.
+
+    Before loading, the file's size is compared with what its header's shape and dtype need, so a truncated file
+    raises :class:`CorruptFileError` saying so, and how to get it back (``regenerate``, where ``{folder}`` is the
+    file's folder), instead of numpy's "mmap length is greater than file size". A missing file raises
+    ``FileNotFoundError`` naming it.
+
+    Example:
+        >>> image = load_npy("preprocessed/demo/cases/case_000.npy", mmap_mode="r")  # doctest: +SKIP
+    """
+    path = Path(path)
+    hint = regenerate.format(folder=path.parent)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: array file not found; {hint}")
+    try:
+        with path.open("rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                shape, dtype = None, None  # a newer header layout: np.load below still catches damage
+            data_start = handle.tell()
+    except (ValueError, OSError, EOFError, SyntaxError) as error:
+        raise CorruptFileError.for_file(path, f"not a readable .npy array, its header is damaged ({error}); {hint}") from None
+    if shape is not None and not dtype.hasobject:
+        needed = data_start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        size = path.stat().st_size
+        if size < needed:
+            raise CorruptFileError.for_file(
+                path,
+                f"truncated .npy array: its header promises shape {tuple(shape)} of {dtype} ({needed} bytes), the "
+                f"file holds {size}; it was cut short (a killed job or a full disk); {hint}",
+            )
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise CorruptFileError.for_file(path, f"not a readable .npy array ({error}); {hint}") from None
 
 
 def read_instances_json(path: str | os.PathLike) -> dict[int, int]:
