@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from pretrain_det3d.data.boxes import boxes_from_instance_map
 from pretrain_det3d.data.dataset_format import DatasetFormatError, check_converted_dataset
-from pretrain_det3d.data.io import geometry_of, read_case, read_image
+from pretrain_det3d.data.io import geometry_of, load_npy, read_case, read_image
 from pretrain_det3d.data.splits import make_splits
 from pretrain_det3d.utils.atomic import atomic_directory, atomic_path, write_json
 
@@ -262,8 +262,8 @@ def read_preprocessed_case(
     """
     cases = Path(preprocessed_root) / CASES_DIR
     mode = "r" if mmap else None
-    image = np.load(cases / f"{case}.npy", mmap_mode=mode)
-    seg = np.load(cases / f"{case}_seg.npy", mmap_mode=mode)
+    image = load_npy(cases / f"{case}.npy", mmap_mode=mode)  # a truncated file is named, with how to regenerate it
+    seg = load_npy(cases / f"{case}_seg.npy", mmap_mode=mode)
     meta = json.loads((cases / f"{case}.json").read_text())
     return image, seg, meta
 

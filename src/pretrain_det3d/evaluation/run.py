@@ -21,6 +21,8 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from pretrain_det3d.data.boxes import boxes_from_instance_map
+from pretrain_det3d.data.errors import DatasetFormatError
+from pretrain_det3d.data.io import read_image
 from pretrain_det3d.evaluation.froc import FP_PER_SCAN, FROC_IOU_THRESHOLDS, compute_froc_metrics
 from pretrain_det3d.evaluation.matching import DEFAULT_MAX_DETECTIONS, ClassMatches, match_case
 from pretrain_det3d.evaluation.metrics import (
@@ -85,10 +87,10 @@ def load_ground_truth(converted_root: str | os.PathLike, case: str) -> CaseBoxes
     for path in (label_path, meta_path):
         if not path.is_file():
             raise EvaluationInputError(f"{path}: ground-truth file of case {case!r} not found")
-    try:
-        instance_map = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
-    except RuntimeError as error:
-        raise EvaluationInputError(f"{label_path}: cannot be read as an image ({error})") from error
+    try:  # the project's one image reader: it refuses truncated files SimpleITK would zero-fill
+        instance_map = sitk.GetArrayFromImage(read_image(label_path))
+    except DatasetFormatError as error:
+        raise EvaluationInputError(str(error)) from error
     try:
         instances = {int(k): int(v) for k, v in json.loads(meta_path.read_text())["instances"].items()}
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from pretrain_det3d.data.io import load_npy
 from pretrain_det3d.data.preprocessing import map_boxes_to_original
 from pretrain_det3d.inference.sliding_window import (
     DEFAULT_MAX_DETECTIONS,
@@ -98,7 +99,7 @@ def run_prediction(
         for path in (image_path, meta_path):
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: preprocessed case file not found")
-        image = np.load(image_path, mmap_mode="r")
+        image = load_npy(image_path, mmap_mode="r")  # a truncated case is named, with how to regenerate it
         meta = json.loads(meta_path.read_text())
         result = predict_case(
             detector,

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain_det3d.data.boxes import boxes_from_instance_map
+from pretrain_det3d.data.io import load_npy
 from pretrain_det3d.training.augmentation import AugmentationParams, PatchAugmenter
 
 FOREGROUND_FRACTION = 0.5
@@ -188,10 +189,10 @@ class PatchBatchStream(IterableDataset):
     def open_array(self, path: Path) -> np.ndarray:
         """The array in ``path``: a memory map opened once per process, or (``memory_map=False``) loaded whole."""
         if not self.memory_map:
-            return np.load(path)
+            return load_npy(path)  # load_npy names a truncated file and how to regenerate it
         array = self._open_arrays.get(path)
         if array is None:
-            array = self._open_arrays[path] = np.load(path, mmap_mode="r")
+            array = self._open_arrays[path] = load_npy(path, mmap_mode="r")
         return array
 
     def sample(self, batch_index: int, sample_index: int) -> dict[str, Any]:

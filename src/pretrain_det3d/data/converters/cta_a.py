@@ -25,6 +25,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from pretrain_det3d.data.converters.base import CONVERTERS, ConvertedCase, ConversionError, DatasetConverter, case_from_sitk
+from pretrain_det3d.data.converters.label_maps import read_nifti
 
 DEFAULTS = {"images_dir": "images", "labels_dir": "labels", "image_suffix": ".nii.gz", "label_suffix": ".nii.gz",
             "instances": "components"}
@@ -88,7 +89,7 @@ class CTAAConverter(DatasetConverter):
 
     def load_case(self, source_dir: Path, case_id: str) -> ConvertedCase:
         image_file, label_file = self._pair(source_dir, case_id)
-        image, mask = sitk.ReadImage(str(image_file)), sitk.ReadImage(str(label_file))
+        image, mask = read_nifti(image_file), read_nifti(label_file)  # checked reads: truncation is an error
         if not _same_grid(image, mask):
             raise ConversionError.for_file(label_file, f"grid {mask.GetSize()} / spacing {mask.GetSpacing()} / origin "
                                                        f"{mask.GetOrigin()} differs from the image {image_file.name}")

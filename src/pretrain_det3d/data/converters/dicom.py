@@ -67,6 +67,19 @@ def read_header(path: str | os.PathLike, tags: Sequence[str]) -> dict[str, str]:
     return {tag: reader.GetMetaData(tag).strip() for tag in tags if reader.HasMetaDataKey(tag)}
 
 
+def _unreadable_slice(series: DicomSeries) -> ConversionError | None:
+    """The error naming the first file of ``series`` that SimpleITK cannot read on its own, if any."""
+    for index, path in enumerate(series.files):
+        try:
+            sitk.ReadImage(str(path))
+        except RuntimeError as error:
+            detail = [line.strip() for line in str(error).splitlines() if line.strip()]
+            return ConversionError.for_file(
+                path, f"slice {index} of series {series.series_uid} cannot be read: the file is truncated or corrupt "
+                f"({detail[-1] if detail else 'unknown reason'}); copy it again from the source")
+    return None
+
+
 def read_dicom_series(series: DicomSeries, tags: Sequence[str] = DEFAULT_SLICE_TAGS) -> tuple[sitk.Image, list[dict[str, str]]]:
     """Read a series as one 3D image, with the requested tags of every slice in array order."""
     reader = sitk.ImageSeriesReader()
@@ -76,7 +89,9 @@ def read_dicom_series(series: DicomSeries, tags: Sequence[str] = DEFAULT_SLICE_T
     try:
         image = reader.Execute()
     except RuntimeError as error:
-        raise ConversionError.for_file(series.folder, f"series {series.series_uid} is unreadable ({error})") from None
+        # GDCM refuses a truncated slice (measured) but its message names no file: find the slice that fails
+        raise _unreadable_slice(series) or ConversionError.for_file(
+            series.folder, f"series {series.series_uid} is unreadable ({error})") from None
     slice_tags = [
         {tag: reader.GetMetaData(k, tag).strip() for tag in tags if reader.HasMetaDataKey(k, tag)}
         for k in range(len(series.files))

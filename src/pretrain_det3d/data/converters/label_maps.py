@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -35,6 +34,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from pretrain_det3d.data.converters.base import ConversionError
+from pretrain_det3d.data.errors import DatasetFormatError
+from pretrain_det3d.data.io import read_image
 
 #: tolerances for "same grid", as the converted-format check uses (float32 NIfTI headers round-trip)
 SPACING_RTOL = 1e-5
@@ -52,19 +53,10 @@ def read_nifti(path: str | os.PathLike) -> sitk.Image:
         >>> read_nifti("kits21/data/case_00000/imaging.nii.gz").GetDimension()  # doctest: +SKIP
         3
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConversionError.for_file(path, "file is missing")
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        detail = [line.strip() for line in str(error).splitlines() if line.strip()]
-        raise ConversionError.for_file(path, f"cannot be read ({detail[-1] if detail else 'unknown reason'})") from None
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ConversionError.for_file(
-            path, f"expected a 3D single-channel image, got {image.GetDimension()}D with "
-            f"{image.GetNumberOfComponentsPerPixel()} component(s)")
-    return image
+    try:  # data.io's reader checks the bytes first: SimpleITK zero-fills a truncated file without a word
+        return read_image(path)
+    except DatasetFormatError as error:
+        raise ConversionError(str(error)) from None
 
 
 def check_same_grid(image: sitk.Image, image_path: str | os.PathLike, label: sitk.Image,

@@ -27,6 +27,8 @@ import pandas as pd
 import SimpleITK as sitk
 
 from pretrain_det3d.data.converters.base import CONVERTERS, ConvertedCase, ConversionError, DatasetConverter, case_from_sitk
+from pretrain_det3d.data.errors import DatasetFormatError
+from pretrain_det3d.data.io import read_image
 
 ANNOTATIONS_FILE = "annotations.csv"
 ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
@@ -98,12 +100,10 @@ class LUNA16Converter(DatasetConverter):
 
     def load_case(self, source_dir: Path, case_id: str) -> ConvertedCase:
         path = self._images(source_dir)[case_id]
-        try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError as error:
-            raise ConversionError.for_file(path, f"unreadable MetaImage ({error})") from None
-        if image.GetDimension() != 3:
-            raise ConversionError.for_file(path, f"expected a 3D scan, got {image.GetDimension()}D")
+        try:  # data.io's reader counts the voxel bytes of the .mhd/.raw pair before SimpleITK reads them
+            image = read_image(path)
+        except DatasetFormatError as error:
+            raise ConversionError(str(error)) from None
         rows = self._annotations[self._annotations["seriesuid"] == case_id]
         instance_map = np.zeros(image.GetSize()[::-1], dtype=np.int16)  # [Z, Y, X]
         instances: dict[int, int] = {}

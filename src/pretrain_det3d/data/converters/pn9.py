@@ -53,6 +53,7 @@ from scipy import ndimage
 
 from pretrain_det3d.data.converters.base import CONVERTERS, ConvertedCase, ConversionError, DatasetConverter
 from pretrain_det3d.data.converters.label_maps import relabel
+from pretrain_det3d.data.io import load_npy
 
 #: PN9's nine nodule classes (the ``nodule_class`` values), class-index order for ``classes: types``
 PN9_CLASSES = ("0-3SN", "3-10SN", "10-30SN", ">30SN", "0-5GGN", ">5GGN", "0-5PSN", ">5PSN", "CN")
@@ -205,10 +206,10 @@ class PN9Converter(DatasetConverter):
     def load_case(self, source_dir: Path, case_id: str) -> ConvertedCase:
         self._index(source_dir)
         path = self._images[case_id]
-        try:
-            volume = np.load(path, mmap_mode="r")
+        try:  # load_npy checks the file's size against its header: a cut-short download is named as such
+            volume = load_npy(path, mmap_mode="r", regenerate="download or extract the PN9 source again")
         except (OSError, ValueError) as error:
-            raise ConversionError.for_file(path, f"cannot be read as a .npy array ({error})") from None
+            raise ConversionError(str(error) if str(error).startswith(str(path)) else f"{path}: {error}") from None
         if volume.ndim == 4 and volume.shape[0] == 1:
             volume = volume[0]  # [1, D, H, W] -> [D, H, W]
         if volume.ndim != 3:
