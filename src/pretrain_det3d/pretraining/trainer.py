@@ -75,7 +75,9 @@ class PretrainingTrainer(IterationTrainer):
             raise ValueError(f"pre-training method {cls.method!r} needs a preprocessed corpus (corpus_root)")
         cases = list_corpus_cases(corpus_root)
         records = load_case_records(corpus_root, cases, with_labels=False)
-        first = np.load(records[0].image_path, mmap_mode="r")
+        from pretrain_det3d.data.io import load_npy  # names a truncated array (local: keeps this edit to one place)
+
+        first = load_npy(records[0].image_path, mmap_mode="r")
         if first.ndim != 4:
             raise ValueError(f"{records[0].image_path}: expected a [C, Z, Y, X] array, got shape {first.shape}")
         return records, int(first.shape[0])
