@@ -5,6 +5,18 @@ A method subclasses ``PretrainingTrainer``, registers itself in ``METHODS`` and 
 ``load_corpus`` when it trains on other data than the unlabelled corpus, as ``multitalent`` does). Optimiser,
 schedule, logging, checkpoints and resume come from ``training.trainer``. The finished network is written in
 nnssl's checkpoint schema, so fine-tuning transfers its stem and encoder like any published checkpoint.
+
+Resume checks the run fingerprint (``training.trainer.run_fingerprint``): here its model part is the method,
+the backbone preset, the input channels and every settings key that is neither a training-loop key nor in
+``NON_RESULT_SETTINGS`` (``mask_ratio``, ``datasets``, ...), and its case list is the corpus (or, for
+``multitalent``, the ``{dataset}__{case}`` ids). A rerun after any of these changed refuses the old
+``checkpoint_latest.pth`` (or moves it aside with ``PRETRAIN_DET3D_STALE_CHECKPOINT=move``).
+
+Example:
+    >>> trainer = METHODS.get("mae")({"preset": "resenc_demo", "iterations": 10}, records, in_channels=1,
+    ...                              out_path="results/pretrain/mae/checkpoint_final.pth", seed=0)  # doctest: +SKIP
+    >>> trainer.fingerprint["model"]["method"]  # doctest: +SKIP
+    'mae'
 """
 
 from __future__ import annotations
@@ -17,7 +29,13 @@ import numpy as np
 import torch
 
 from pretrain_det3d.training.dataloader import CaseRecord, list_corpus_cases, load_case_records
-from pretrain_det3d.training.trainer import IterationTrainer, TrainingSettings
+from pretrain_det3d.training.trainer import (
+    NON_RESULT_SETTINGS,
+    IterationTrainer,
+    TrainingSettings,
+    compact_fingerprint,
+    settings_as_dict,
+)
 from pretrain_det3d.utils.registry import Registry
 
 METHODS: Registry[type["PretrainingTrainer"]] = Registry("pre-training method")
@@ -86,6 +104,20 @@ class PretrainingTrainer(IterationTrainer):
         """The network to train (built after seeding, so its initialisation is reproducible)."""
         raise NotImplementedError
 
+    def fingerprint_model(self) -> dict[str, Any]:
+        """Method, preset, input channels and the method's own settings (the keys the training loop does not
+        read), for the run fingerprint."""
+        training_keys = set(settings_as_dict(self.settings))
+        own = {k: v for k, v in sorted(self.method_settings.items())
+               if k not in training_keys and k not in NON_RESULT_SETTINGS}
+        return {"method": self.method, "preset": self.preset, "in_channels": self.in_channels, "settings": own}
+
+    def pretrain_plan(self, patch_size: Sequence[int]) -> dict[str, Any]:
+        """The ``pretrain_plan`` entry of the final checkpoint: the default minimal plan plus the fingerprint of
+        the run that trained the weights (its corpus list as count + sha256: corpora can hold 10^4 cases)."""
+        return {"plans_name": "pretrain_det3d", "configurations": {"patch_size": [int(p) for p in patch_size]},
+                "run_fingerprint": compact_fingerprint(self.fingerprint)}
+
     def batch_generator(self, salt: int = 0) -> torch.Generator:
         """A CPU generator that depends only on (seed, iteration, salt): random choices made inside a step
         (masks, ...) are then reproduced exactly on resume."""
@@ -102,4 +134,5 @@ class PretrainingTrainer(IterationTrainer):
             self.in_channels,
             list(self.settings.patch_size),
             self.method,
+            pretrain_plan=self.pretrain_plan(self.settings.patch_size),
         )

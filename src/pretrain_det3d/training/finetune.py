@@ -1,5 +1,10 @@
 """Fine-tuning of a detector on one cross-validation fold (the ``finetune`` rule).
 
+A rerun resumes from ``{out_dir}/checkpoint_latest.pth`` only when that checkpoint's run fingerprint matches this
+run's: training settings, the detector's build arguments, the sha256 of ``init_checkpoint``, the fold's training
+cases, the seed and the code versions (see ``training.trainer``). Otherwise it stops with an error listing what
+changed; ``PRETRAIN_DET3D_STALE_CHECKPOINT=move`` moves the old checkpoint aside and starts over instead.
+
 Example:
     >>> run_finetuning("results/data/preprocessed/synthetic", fold=0, detector="retina_unet",
     ...                settings={"iterations": 200, "patch_size": [48, 48, 48]},
@@ -13,14 +18,36 @@ import contextlib
 import json
 import logging
 import os
+from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from pretrain_det3d.training.dataloader import load_case_records
 from pretrain_det3d.training.staging import staged_cases
 from pretrain_det3d.training.trainer import DetectorTrainer, TrainingSettings, seed_everything
 
 LOGGER = logging.getLogger(__name__)
+
+KEY_EXAMPLES = 3  # example keys shown after the per-module counts of a key summary
+
+
+def summarize_keys(keys: Sequence[str], examples: int = KEY_EXAMPLES) -> str:
+    """Count ``keys`` per top-level module (``decoder.*: 42``), plus a few examples: one log line, however
+    many keys (a ResEnc-L decoder alone has hundreds).
+
+    Example:
+        >>> summarize_keys(["decoder.seg.weight", "decoder.seg.bias", "head.weight", "scale"], examples=2)
+        '4 keys: decoder.*: 2, head.*: 1, scale: 1 (e.g. decoder.seg.weight, decoder.seg.bias, ...)'
+        >>> summarize_keys([])
+        'none'
+    """
+    if not keys:
+        return "none"
+    # a key without a dot is its own group; the others group by the module before the first dot
+    counts = Counter(key.split(".", 1)[0] + (".*" if "." in key else "") for key in keys)
+    groups = ", ".join(f"{group}: {count}" for group, count in sorted(counts.items()))
+    shown = ", ".join(keys[:examples]) + (", ..." if len(keys) > examples else "")
+    return f"{len(keys)} key{'s' if len(keys) != 1 else ''}: {groups} (e.g. {shown})"
 
 
 def _read_json(path: Path) -> Any:
@@ -87,7 +114,7 @@ def run_finetuning(
         counts = {"loaded": len(report.loaded_keys), "skipped": len(report.skipped_keys),
                   "adapted": len(report.adapted_keys)}
         LOGGER.info("encoder transfer from %s: %s (skipped: %s; adapted: %s)", init_checkpoint, counts,
-                    report.skipped_keys, report.adapted_keys)
+                    summarize_keys(report.skipped_keys), summarize_keys(report.adapted_keys))
         extra["transfer_report"] = counts
 
     with contextlib.ExitStack() as stack:
@@ -103,6 +130,7 @@ def run_finetuning(
             seed=seed,
             log_path=log_path,
             extra=extra,
+            init_checkpoint=init_checkpoint,
         )
         trainer.run()
     return out_dir / "model_final.pth"

@@ -11,6 +11,22 @@ numpy and python generator states, and the data stream is a pure function of ``(
 ``training.dataloader``), so the sampler state is just the iteration count. A run stopped at iteration k and
 resumed reaches the same weights as an uninterrupted run (tests pin this on CPU).
 
+Why resume refuses stale checkpoints: a rerun after a config change must not continue the old run and report it
+as the new one. Every checkpoint records a *fingerprint* of what determines the run's result (``run_fingerprint``:
+the result-relevant training settings, the detector's build arguments or the pre-training method's settings, the
+sha256 of the initialisation checkpoint, the training case ids, the seed, and the package / checkpoint-format /
+torch versions). On resume it is compared with the current run before any tensor is read; any difference, a
+checkpoint without a fingerprint (older format), or weights that do not fit the model raises
+``StaleCheckpointError`` naming the file, each differing key (old -> new) and the two ways to start over:
+delete the file, or set ``PRETRAIN_DET3D_STALE_CHECKPOINT=move`` (the stale file is renamed to
+``checkpoint_latest.stale-<UTC time>.pth`` beside it and training starts from iteration 0). Settings that do not
+change results (threads, workers, checkpoint interval, logging, device, ...: ``NON_RESULT_SETTINGS``) may change
+between reruns.
+
+Progress: on a terminal a tqdm bar; otherwise (a log file, SLURM's output) one plain log line every
+``log_every`` iterations (default ``progress_log_every(iterations)``) with the mean loss terms since the previous
+line, the learning rate, iterations per second and the ETA, so a long run's log stays small.
+
 Example:
     >>> trainer = DetectorTrainer(model, "retina_unet", settings, records, out_dir="results/finetune/x",
     ...                           seed=0)  # doctest: +SKIP
@@ -22,22 +38,27 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import datetime
+import hashlib
 import logging
+import math
 import os
 import random
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TextIO
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from pretrain_det3d.training.augmentation import AugmentationParams
+from pretrain_det3d import __version__
+from pretrain_det3d.settings.training import GRAD_CLIP_NORM, TrainingSettings  # noqa: F401 (re-exported)
 from pretrain_det3d.training.dataloader import CaseRecord, PatchBatchStream, build_loader
 from pretrain_det3d.training.schedule import PolyWarmupSchedule, build_optimizer
 from pretrain_det3d.utils.atomic import atomic_path, save_torch
@@ -48,11 +69,33 @@ CHECKPOINT_LATEST = "checkpoint_latest.pth"
 MODEL_FINAL = "model_final.pth"
 LOG_NAME = "log.csv"
 RUNNING_LOG_SUFFIX = ".running"  # the log grows here during training; the named log appears whole at the end
-GRAD_CLIP_NORM = 12.0
 #: ``amp_dtype`` values: "auto" = bf16 where the GPU supports it, else fp16, and full precision on CPU
 AMP_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHANNELS_LAST_CHOICES = ("auto", True, False)
-CHECKPOINT_FORMAT = 1
+# 2: checkpoints carry the run fingerprint (``"fingerprint"``); format-1 files are refused on resume
+CHECKPOINT_FORMAT = 2
+#: environment variable deciding what a rerun does with a ``checkpoint_latest.pth`` of a different run:
+#: unset / "refuse" -> raise ``StaleCheckpointError``; "move" -> rename it aside and start from scratch.
+#: An environment variable, not a setting, because it must reach SLURM jobs and local jobs alike without
+#: changing the config (which would itself change the fingerprint).
+STALE_CHECKPOINT_ENV = "PRETRAIN_DET3D_STALE_CHECKPOINT"
+STALE_CHECKPOINT_ACTIONS = ("refuse", "move")
+#: settings keys left out of the run fingerprint: they change speed, logging or where things run, not the
+#: numbers a run produces (the batch stream is the same for every worker count and with or without memory maps,
+#: see training.dataloader; channels_last / compile / cudnn_benchmark / device pick other kernels for the same
+#: maths). Everything else, including keys added to the settings later, is part of the fingerprint.
+NON_RESULT_SETTINGS = frozenset({
+    "threads", "num_workers", "checkpoint_every", "progress_bar", "log_every", "pin_memory",
+    "persistent_workers", "prefetch_factor", "memory_map", "keep_latest_checkpoint", "device",
+    "cudnn_benchmark", "channels_last", "compile",
+    # detector-level job knobs that reach the settings mapping (training.staging)
+    "stage_to_local", "stage_dir",
+})
+#: progress lines when the output is not a terminal: every ``LOG_EVERY`` iterations; ``None`` ->
+#: ``progress_log_every(iterations)``. A settings key ``log_every`` wins when the settings class has one.
+LOG_EVERY: int | None = None
+PROGRESS_LINES_PER_RUN = 100  # the automatic interval aims at about this many lines per run ...
+PROGRESS_LOG_EVERY_MAX = 500  # ... but never fewer than one line per this many iterations
 #: signals that end a run early with a checkpoint: SLURM sends SIGTERM at the time limit or on preemption, and
 #: SIGUSR1 ahead of it when asked (profiles/slurm: --signal=USR1@600)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -60,6 +103,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class TrainingInterrupted(RuntimeError):
     """A stop signal arrived; the run saved ``checkpoint_latest.pth`` and resumes from it when started again."""
+
+
+class StaleCheckpointError(RuntimeError):
+    """``checkpoint_latest.pth`` was written by a different run (or an older format) and cannot be resumed."""
 
 
 @contextlib.contextmanager
@@ -83,95 +130,6 @@ def stop_requests(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[threading.E
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
-
-
-@dataclass(frozen=True)
-class TrainingSettings:
-    """Every knob of the training loop, with the fine-tuning defaults of the paper's Retina U-Net.
-
-    ``augmentation`` is ``True`` (defaults), ``False`` (off) or a mapping of ``AugmentationParams`` overrides.
-    ``threads`` sets ``torch.set_num_threads`` (``None`` leaves torch's choice). ``device`` is ``"auto"``
-    (CUDA when available), ``"cpu"`` or ``"cuda[:i]"``.
-
-    Example:
-        >>> s = TrainingSettings.from_settings({"iterations": 10, "warmup_iterations": 2, "preset": "ignored"})
-        >>> s.iterations, s.optimizer, s.grad_clip
-        (10, 'sgd', 12.0)
-    """
-
-    iterations: int = 1000
-    batch_size: int = 2
-    patch_size: tuple[int, int, int] = (64, 64, 64)
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 3e-5
-    warmup_iterations: int = 100
-    grad_clip: float = GRAD_CLIP_NORM
-    checkpoint_every: int = 100
-    num_workers: int = 0
-    augmentation: bool | Mapping[str, Any] = True
-    foreground_fraction: float = 0.5
-    device: str = "auto"
-    threads: int | None = None
-    mixed_precision: bool = True
-    # ---- fast paths (see docs/benchmark.md); each falls back to the plain path where it cannot apply
-    amp_dtype: str = "auto"  # "auto" | "bfloat16" | "float16"; "bfloat16" also autocasts on CPU
-    cudnn_benchmark: bool = True  # CUDA only: let cuDNN pick the fastest convolution algorithms
-    pin_memory: bool = True  # CUDA only: page-locked batches and non-blocking host-to-device copies
-    persistent_workers: bool = True  # with num_workers > 0: keep the loader processes alive between passes
-    prefetch_factor: int = 2  # with num_workers > 0: batches each worker prepares ahead
-    memory_map: bool = True  # read patches out of memory-mapped arrays instead of loading whole cases
-    compile: bool = False  # torch.compile the model's forward (nn.Module.compile keeps state-dict keys)
-    # "auto" | true | false: 3D conv weights in channels-last layout ("auto": on CPU, where it was measured)
-    channels_last: bool | str = "auto"
-    keep_latest_checkpoint: bool = False  # nnU-Net style: drop checkpoint_latest once the final file exists
-    progress_bar: bool = True
-
-    @classmethod
-    def from_settings(cls, settings: Mapping[str, Any] | None, **defaults: Any) -> "TrainingSettings":
-        """Known keys of ``settings`` over ``defaults`` over the class defaults; other keys are ignored
-        (they belong to the detector or the pre-training method)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(defaults) - known)
-        if bad:
-            raise KeyError(f"unknown training defaults {bad}")
-        values = {**defaults, **{k: v for k, v in dict(settings or {}).items() if k in known}}
-        if "patch_size" in values:
-            patch = values["patch_size"]
-            patch = [patch] * 3 if isinstance(patch, int) else list(patch)
-            if len(patch) != 3:
-                raise ValueError(f"settings key 'patch_size' must have three entries, got {values['patch_size']}")
-            values["patch_size"] = tuple(int(p) for p in patch)
-        resolved = cls(**values)
-        resolved.validate()
-        return resolved
-
-    def validate(self) -> None:
-        for key in ("iterations", "batch_size", "checkpoint_every"):
-            if int(getattr(self, key)) <= 0:
-                raise ValueError(f"settings key {key!r} must be positive, got {getattr(self, key)}")
-        if not 0 <= self.warmup_iterations < self.iterations:
-            raise ValueError(
-                f"settings key 'warmup_iterations' must lie in [0, iterations={self.iterations}), "
-                f"got {self.warmup_iterations}"
-            )
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"settings key 'grad_clip' must be positive or null, got {self.grad_clip}")
-        if self.amp_dtype not in AMP_DTYPES:
-            raise ValueError(f"settings key 'amp_dtype' must be one of {sorted(AMP_DTYPES)}, got {self.amp_dtype!r}")
-        if int(self.prefetch_factor) <= 0:
-            raise ValueError(f"settings key 'prefetch_factor' must be positive, got {self.prefetch_factor}")
-        check_channels_last(self.channels_last)
-
-    def augmentation_params(self) -> AugmentationParams | None:
-        if self.augmentation is True:
-            return AugmentationParams()
-        if not self.augmentation:
-            return None
-        if isinstance(self.augmentation, Mapping):
-            return AugmentationParams.from_settings(self.augmentation)
-        raise ValueError(f"settings key 'augmentation' must be true, false or a mapping, got {self.augmentation!r}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -288,6 +246,272 @@ def move_to_device(obj: Any, device: torch.device, non_blocking: bool = True) ->
     return obj
 
 
+def settings_as_dict(settings: Any) -> dict[str, Any]:
+    """The fields of a settings object as a plain dict: a dataclass, a pydantic model or a mapping.
+
+    Example:
+        >>> settings_as_dict(TrainingSettings(iterations=7))["iterations"]
+        7
+    """
+    if hasattr(settings, "model_dump"):  # pydantic v2 BaseModel
+        return dict(settings.model_dump())
+    if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+        return dataclasses.asdict(settings)
+    if isinstance(settings, Mapping):
+        return dict(settings)
+    raise TypeError(f"settings must be a dataclass, a pydantic model or a mapping, got {type(settings).__name__}")
+
+
+def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (checkpoints can be GBs).
+
+    Example:
+        >>> file_sha256("results/pretrain/mae/checkpoint_final.pth")  # doctest: +SKIP
+        '3b0c...'
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def code_versions() -> dict[str, Any]:
+    """Versions that decide how a checkpoint is read and what training computes: this package, the checkpoint
+    format, and torch's major.minor (patch releases do not change the maths we rely on).
+
+    Example:
+        >>> sorted(code_versions())
+        ['checkpoint_format', 'pretrain_det3d', 'torch']
+    """
+    torch_version = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    return {"pretrain_det3d": __version__, "checkpoint_format": CHECKPOINT_FORMAT, "torch": torch_version}
+
+
+def run_fingerprint(
+    settings: Any,
+    *,
+    model: Mapping[str, Any],
+    case_ids: Sequence[str],
+    seed: int,
+    init_checkpoint_sha256: str | None = None,
+) -> dict[str, Any]:
+    """Everything that determines a training run's result, as plain containers (weights-only loadable).
+
+    ``settings`` minus ``NON_RESULT_SETTINGS``; ``model``: the detector's build arguments or the pre-training
+    method's settings; ``case_ids``: the training cases (the split) or the pre-training corpus, in order
+    (the batch stream depends on it); ``init_checkpoint_sha256``: ``None`` when training from scratch.
+
+    Example:
+        >>> fp = run_fingerprint(TrainingSettings(iterations=50), model={"detector": "retina_unet"},
+        ...                      case_ids=["case_000"], seed=0)
+        >>> fp["training"]["iterations"], "threads" in fp["training"], fp["cases"], fp["init_checkpoint_sha256"]
+        (50, False, ['case_000'], None)
+    """
+    training = {k: v for k, v in settings_as_dict(settings).items() if k not in NON_RESULT_SETTINGS}
+    return _plain({
+        "training": training,
+        "model": dict(model),
+        "init_checkpoint_sha256": init_checkpoint_sha256,
+        "cases": [str(c) for c in case_ids],
+        "seed": int(seed),
+        "versions": code_versions(),
+    })
+
+
+def compact_fingerprint(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """A fingerprint with its case list replaced by ``{"count", "sha256"}`` (for records that travel: a
+    pre-training corpus can list tens of thousands of cases).
+
+    Example:
+        >>> compact_fingerprint({"seed": 0, "cases": ["a", "b"]})["cases"]["count"]
+        2
+    """
+    cases = [str(c) for c in fingerprint.get("cases", [])]
+    digest = hashlib.sha256("\n".join(cases).encode()).hexdigest()
+    return {**_plain(dict(fingerprint)), "cases": {"count": len(cases), "sha256": digest}}
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    # dicts become dotted keys so a difference is reported where it is ("training.iterations"); lists stay whole
+    if isinstance(value, Mapping) and (value or not prefix):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+_ABSENT = object()
+_SHORT_VALUE = 60  # characters: longer values (case lists) are summarised instead of printed
+_EXAMPLES = 3
+
+
+def describe_change(old: Any, new: Any) -> str:
+    """``old -> new`` for one fingerprint entry; long lists say how many entries differ instead.
+
+    Example:
+        >>> describe_change(200, 50)
+        '200 -> 50'
+        >>> describe_change([f"case_{i:03d}" for i in range(40)], [f"case_{i:03d}" for i in range(1, 41)])
+        '40 entries -> 40 entries: 1 added (case_040), 1 removed (case_000)'
+    """
+    def show(value: Any) -> str:
+        return "(absent)" if value is _ABSENT else repr(value)
+
+    if isinstance(old, list) and isinstance(new, list) and len(repr(old)) + len(repr(new)) > 2 * _SHORT_VALUE:
+        added = [v for v in new if v not in old]
+        removed = [v for v in old if v not in new]
+        parts = []
+        for label, values in (("added", added), ("removed", removed)):
+            if values:
+                examples = ", ".join(str(v) for v in values[:_EXAMPLES]) + (", ..." if len(values) > _EXAMPLES else "")
+                parts.append(f"{len(values)} {label} ({examples})")
+        if not parts:
+            parts.append("same entries, different order")
+        return f"{len(old)} entries -> {len(new)} entries: " + ", ".join(parts)
+    return f"{show(old)} -> {show(new)}"
+
+
+def fingerprint_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """One line ``key: old -> new`` per differing entry of two fingerprints (dotted keys, sorted).
+
+    Example:
+        >>> fingerprint_differences({"seed": 0, "training": {"iterations": 200}},
+        ...                         {"seed": 0, "training": {"iterations": 50}})
+        ['training.iterations: 200 -> 50']
+    """
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    lines = []
+    for key in sorted(set(flat_old) | set(flat_new)):
+        before, after = flat_old.get(key, _ABSENT), flat_new.get(key, _ABSENT)
+        if before is _ABSENT or after is _ABSENT or before != after:
+            lines.append(f"{key}: {describe_change(before, after)}")
+    return lines
+
+
+def stale_checkpoint_action() -> str:
+    """What to do with a stale checkpoint: ``$PRETRAIN_DET3D_STALE_CHECKPOINT`` ("refuse" when unset)."""
+    value = os.environ.get(STALE_CHECKPOINT_ENV, "").strip().lower() or "refuse"
+    if value not in STALE_CHECKPOINT_ACTIONS:
+        raise ValueError(f"environment variable {STALE_CHECKPOINT_ENV} must be one of {list(STALE_CHECKPOINT_ACTIONS)} "
+                         f"or unset, got {value!r}")
+    return value
+
+
+def move_aside(path: Path) -> Path:
+    """Rename ``path`` to ``{stem}.stale-<UTC time>{suffix}`` beside it (never over an existing file).
+
+    Example:
+        >>> move_aside(Path("out/checkpoint_latest.pth"))  # doctest: +SKIP
+        PosixPath('out/checkpoint_latest.stale-20250101T120000Z.pth')
+    """
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = path.with_name(f"{path.stem}.stale-{stamp}{path.suffix}")
+    counter = 1
+    while target.exists():  # two moves within one second
+        target = path.with_name(f"{path.stem}.stale-{stamp}-{counter}{path.suffix}")
+        counter += 1
+    os.replace(path, target)
+    return target
+
+
+def progress_log_every(iterations: int) -> int:
+    """Iterations between progress lines when the output is not a terminal: about ``PROGRESS_LINES_PER_RUN``
+    lines per run, at least one per ``PROGRESS_LOG_EVERY_MAX`` iterations.
+
+    Example:
+        >>> progress_log_every(50), progress_log_every(2000), progress_log_every(10**6)
+        (1, 20, 500)
+    """
+    return max(1, min(int(iterations) // PROGRESS_LINES_PER_RUN, PROGRESS_LOG_EVERY_MAX))
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+class ProgressReporter:
+    """Training progress: a tqdm bar on a terminal, else a plain log line every ``every`` iterations.
+
+    Log files get no carriage-return redraws: each line holds the iteration count, the mean of each loss term
+    over the iterations since the previous line, the latest learning rate, iterations per second over that
+    window and the ETA. A last line is written by ``close`` for iterations not yet reported (a paused or stopped
+    run). ``clock`` is injectable so tests can work rates out by hand.
+
+    Example (logs ``demo 2/4: loss 1; lr 1.000e-02; ... it/s; ETA ...`` and the same at 4/4):
+        >>> report = ProgressReporter(total=4, initial=0, desc="demo", stream=io.StringIO(), every=2)  # doctest: +SKIP
+        >>> for _ in range(4):  # doctest: +SKIP
+        ...     report.update({"loss": 1.0}, lr=0.01)
+        >>> report.close()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        total: int,
+        initial: int,
+        desc: str,
+        *,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        every: int | None = None,
+        logger: logging.Logger = LOGGER,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.total, self.iteration, self.desc = int(total), int(initial), desc
+        self.enabled = enabled
+        self.stream = sys.stderr if stream is None else stream
+        self.every = int(every) if every else progress_log_every(total)
+        if self.every <= 0:
+            raise ValueError(f"progress: log_every must be positive, got {every}")
+        self.logger, self.clock = logger, clock
+        self.bar: tqdm | None = None
+        if enabled and _is_terminal(self.stream):
+            self.bar = tqdm(total=self.total, initial=self.iteration, desc=desc, file=self.stream, dynamic_ncols=True)
+        self._window_start = clock()
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._lr = float("nan")
+
+    def update(self, losses: Mapping[str, float], lr: float) -> None:
+        """One iteration done with these loss terms and learning rate."""
+        self.iteration += 1
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            # refresh=False: the bar redraws at tqdm's own pace, not on every call
+            self.bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+            return
+        for key, value in losses.items():
+            self._sums[key] = self._sums.get(key, 0.0) + float(value)
+        self._count += 1
+        self._lr = float(lr)
+        if self.iteration % self.every == 0 or self.iteration == self.total:
+            self._emit()
+
+    def _emit(self) -> None:
+        now = self.clock()
+        elapsed = now - self._window_start
+        rate = self._count / elapsed if elapsed > 0 else float("inf")
+        remaining = max(self.total - self.iteration, 0)
+        eta = datetime.timedelta(seconds=round(remaining / rate)) if math.isfinite(rate) and rate > 0 else "?"
+        terms = ", ".join(f"{key} {total / self._count:.4g}" for key, total in self._sums.items())
+        self.logger.info("%s %d/%d: %s; lr %.3e; %.2f it/s; ETA %s", self.desc, self.iteration, self.total, terms,
+                         self._lr, rate, eta)
+        self._window_start, self._sums, self._count = now, {}, 0
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elif self.enabled and self._count:
+            self._emit()
+
+
 @dataclass
 class _CsvLog:
     """Per-iteration CSV rows, appended to ``{path}.running`` and published atomically as ``path``."""
@@ -374,10 +598,12 @@ class IterationTrainer:
         )
         self.iteration = 0  # completed iterations
         self.log = _CsvLog(Path(log_path) if log_path is not None else self.out_dir / LOG_NAME)
+        self.progress_stream: TextIO | None = None  # where progress goes (None: sys.stderr at run time)
+        self._fingerprint: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------- hooks a subclass may override
     def configure_optimizer(self) -> torch.optim.Optimizer:
-        return build_optimizer(self.model.parameters(), dataclasses.asdict(self.settings))
+        return build_optimizer(self.model.parameters(), settings_as_dict(self.settings))
 
     def configure_schedule(self) -> PolyWarmupSchedule:
         s = self.settings
@@ -471,26 +697,76 @@ class IterationTrainer:
     def on_iteration_end(self, iteration: int, row: Mapping[str, float]) -> None:
         """Called after each iteration with its log row (``iteration`` counts from 0)."""
 
+    def fingerprint_model(self) -> dict[str, Any]:
+        """The model's / method's own settings for the run fingerprint (subclasses: build arguments)."""
+        return {"class": type(self.model).__name__}
+
+    def init_checkpoint_sha256(self) -> str | None:
+        """sha256 of the file the weights were initialised from, or ``None`` (from scratch)."""
+        return None
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """This run's :func:`run_fingerprint` (computed once: hashing an init checkpoint reads the whole file)."""
+        if self._fingerprint is None:
+            self._fingerprint = run_fingerprint(
+                self.settings, model=self.fingerprint_model(), case_ids=[r.case_id for r in self.records],
+                seed=self.seed, init_checkpoint_sha256=self.init_checkpoint_sha256(),
+            )
+        return self._fingerprint
+
     def checkpoint_state(self) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
+            "fingerprint": self.fingerprint,
             "iteration": self.iteration,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": capture_rng_states(),
             "data": {"next_batch": self.iteration, "seed": self.seed},
-            "settings": _plain(dataclasses.asdict(self.settings)),
+            "settings": _plain(settings_as_dict(self.settings)),
         }
 
+    def checkpoint_problems(self, state: Mapping[str, Any]) -> list[str]:
+        """Why ``state`` (read lazily, see ``load_checkpoint``) cannot be resumed by this run; empty if it can.
+
+        Only metadata and tensor shapes are looked at, so nothing is loaded into the model yet.
+        """
+        if not isinstance(state, Mapping) or not isinstance(state.get("fingerprint"), Mapping):
+            found = state.get("format", "unknown") if isinstance(state, Mapping) else type(state).__name__
+            return [f"no run fingerprint (checkpoint format {found}, written by an older version; "
+                    f"this version writes format {CHECKPOINT_FORMAT})"]
+        problems = fingerprint_differences(state["fingerprint"], self.fingerprint)
+        if problems:
+            return problems
+        # normally the build arguments above catch an architecture change; this catches the rest
+        saved = {k: tuple(v.shape) for k, v in state.get("model", {}).items()}
+        current = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        missing, unexpected = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
+        if missing:
+            problems.append(f"model weights: {len(missing)} missing from the checkpoint (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            problems.append(f"model weights: {len(unexpected)} not in the model (e.g. {', '.join(unexpected[:3])})")
+        for key in sorted(set(saved) & set(current)):
+            if saved[key] != current[key]:
+                problems.append(f"model weight {key}: shape {list(saved[key])} -> {list(current[key])}")
+        if int(state.get("iteration", 0)) > int(self.settings.iterations):
+            problems.append(f"iteration: the checkpoint is at {state['iteration']}, beyond iterations="
+                            f"{self.settings.iterations}")
+        return problems
+
     def load_checkpoint_state(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError) as error:  # e.g. torch's size-mismatch text
+            raise StaleCheckpointError(self._stale_message([f"the saved state does not fit this run: {error}"])) \
+                from error
         self.iteration = int(state["iteration"])
-        if int(state["data"]["seed"]) != self.seed:
-            raise ValueError(f"{self.checkpoint_path}: written with seed {state['data']['seed']}, now {self.seed}")
         restore_rng_states(state["rng"])
+        self._fingerprint = _plain(dict(state["fingerprint"]))  # the run that trained (equal to ours: checked)
 
     # ----------------------------------------------------------------- the loop
     @property
@@ -500,14 +776,39 @@ class IterationTrainer:
     def save_checkpoint(self) -> None:
         save_torch(self.checkpoint_path, self.checkpoint_state())
 
+    def _stale_message(self, problems: Sequence[str]) -> str:
+        listed = "\n".join(f"  {line}" for line in problems)
+        return (
+            f"{self.checkpoint_path}: cannot resume, this checkpoint belongs to a different run (resuming it would "
+            f"mix two runs' results):\n{listed}\n"
+            f"To start over: delete {self.checkpoint_path}, or set the environment variable "
+            f"{STALE_CHECKPOINT_ENV}=move to move it aside (kept as checkpoint_latest.stale-<UTC time>.pth) and "
+            "train from iteration 0."
+        )
+
     def load_checkpoint(self) -> bool:
-        """Resume from ``checkpoint_latest.pth`` if it exists; returns whether it did."""
+        """Resume from ``checkpoint_latest.pth`` if it exists and belongs to this run; returns whether it did.
+
+        A checkpoint of another run raises :class:`StaleCheckpointError`, or with
+        ``PRETRAIN_DET3D_STALE_CHECKPOINT=move`` is renamed aside and the run starts from scratch.
+        """
         if not self.checkpoint_path.is_file():
             return False
         try:
-            state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
-        except Exception as error:  # a foreign or damaged file: say which
-            raise RuntimeError(f"{self.checkpoint_path}: cannot resume from this checkpoint ({error})") from error
+            # memory-mapped on the CPU: the fingerprint and shapes are checked before tensor data is read, and the
+            # generator states must stay CPU tensors whatever the training device (torch.set_rng_state needs that)
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # a foreign or damaged file: say which, and how to start over
+            raise StaleCheckpointError(self._stale_message([f"the file cannot be read ({error})"])) from error
+        problems = self.checkpoint_problems(state)
+        if problems:
+            del state  # drop the memory map before the file is renamed
+            if stale_checkpoint_action() != "move":
+                raise StaleCheckpointError(self._stale_message(problems))
+            moved = move_aside(self.checkpoint_path)
+            LOGGER.warning("%s belongs to a different run (%s); %s=move: moved it to %s and starting from "
+                           "iteration 0", self.checkpoint_path, "; ".join(problems), STALE_CHECKPOINT_ENV, moved)
+            return False
         self.load_checkpoint_state(state)
         LOGGER.info("resumed from %s at iteration %d", self.checkpoint_path, self.iteration)
         return True
@@ -544,8 +845,10 @@ class IterationTrainer:
 
     def _loop(self, end: int, stop: threading.Event | None = None) -> None:
         batches: Iterator[dict[str, Any]] = iter(self.build_batches(self.iteration))
-        progress = tqdm(total=self.settings.iterations, initial=self.iteration, desc=type(self).__name__,
-                        disable=not self.settings.progress_bar, dynamic_ncols=True)
+        # a settings key log_every wins once the settings schema has one; else the module default
+        every = getattr(self.settings, "log_every", None) or LOG_EVERY
+        progress = ProgressReporter(self.settings.iterations, self.iteration, type(self).__name__,
+                                    enabled=bool(self.settings.progress_bar), stream=self.progress_stream, every=every)
         try:
             while self.iteration < end and not (stop is not None and stop.is_set()):
                 started = time.perf_counter()
@@ -556,8 +859,7 @@ class IterationTrainer:
                 self.log.append(row)
                 self.on_iteration_end(self.iteration, row)
                 self.iteration += 1
-                progress.update(1)
-                progress.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}")
+                progress.update(losses, lr)
                 if self.iteration % self.settings.checkpoint_every == 0 and self.iteration < self.settings.iterations:
                     self.save_checkpoint()
         finally:
@@ -590,12 +892,22 @@ class DetectorTrainer(IterationTrainer):
         log_path: str | os.PathLike | None = None,
         extra: Mapping[str, Any] | None = None,
         build_kwargs: Mapping[str, Any] | None = None,
+        init_checkpoint: str | os.PathLike | None = None,
     ) -> None:
         super().__init__(model, settings, records, out_dir, seed, log_path)
         self.detector = detector
         # the detector's constructor arguments; None -> model.build_kwargs (set by models.registry.build_detector)
         self.build_kwargs = None if build_kwargs is None else dict(build_kwargs)
         self.extra = dict(extra or {})
+        # the pre-training checkpoint the encoder was copied from (None: scratch); its bytes enter the fingerprint
+        self.init_checkpoint = None if init_checkpoint is None else Path(init_checkpoint)
+
+    def fingerprint_model(self) -> dict[str, Any]:
+        build_kwargs = self.build_kwargs if self.build_kwargs is not None else getattr(self.model, "build_kwargs", None)
+        return {"detector": self.detector, "build_kwargs": build_kwargs}
+
+    def init_checkpoint_sha256(self) -> str | None:
+        return None if self.init_checkpoint is None else file_sha256(self.init_checkpoint)
 
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.model.compute_losses(batch["images"], batch["targets"], batch["seg"])
@@ -603,16 +915,23 @@ class DetectorTrainer(IterationTrainer):
     def save_final(self) -> None:
         from pretrain_det3d.models.registry import save_detector
 
-        extra = {**self.extra, "iterations": self.iteration, "seed": self.seed,
-                 "settings": _plain(dataclasses.asdict(self.settings))}
+        # metadata of the run that trained these weights: its fingerprint (checked on every resume)
+        fingerprint = self.fingerprint
+        extra = {**self.extra, "iterations": self.iteration, "seed": fingerprint["seed"],
+                 "init_checkpoint_sha256": fingerprint["init_checkpoint_sha256"],
+                 "settings": _plain(settings_as_dict(self.settings)), "fingerprint": fingerprint}
         save_detector(self.out_dir / MODEL_FINAL, self.model.cpu(), self.detector, self.build_kwargs, extra)
         self.model.to(self.device)
 
 
 def _plain(value: Any) -> Any:
-    """JSON-like copy (tuples -> lists) for storing settings in checkpoints."""
+    """JSON-like copy (tuples -> lists, paths -> str, numpy -> python) for storing settings in checkpoints."""
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.generic):
+        return value.item()
     return value
