@@ -79,7 +79,6 @@ def test_finished_file_has_umask_mode(tmp_path):
 KILLED_WRITER = r"""
 import sys, time
 from pathlib import Path
-from types import SimpleNamespace
 from pretrain_det3d.utils.atomic import atomic_directory, atomic_path
 kind, target = sys.argv[1], Path(sys.argv[2])
 if kind == "dir":
