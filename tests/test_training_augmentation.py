@@ -151,5 +151,5 @@ def test_seeded_global_rngs_restores_state_after_errors():
 
 
 def test_unknown_augmentation_setting_is_named():
-    with pytest.raises(KeyError, match="p_rotate"):
+    with pytest.raises(ValueError, match=r"'augmentation.p_rotate': unknown key; did you mean 'p_rotation'"):
         AugmentationParams.from_settings({"p_rotate": 0.5})

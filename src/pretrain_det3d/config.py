@@ -1,7 +1,7 @@
-"""Checks of a study configuration that a JSON schema cannot express, and settings resolution.
+"""Checks of a study configuration across sections, and settings resolution.
 
-The schema (``workflow/schemas/config.schema.yaml``) fixes types and required keys; this module checks that the
-names the study refers to exist (datasets, initialisations, detectors, backbone presets) and merges the
+The settings classes (``pretrain_det3d.settings``, applied by :func:`validate_study_config`) fix keys, types and
+defaults of each section; this module checks that the names the study refers to exist (datasets, initialisations, detectors, backbone presets) and merges the
 per-stage settings that the rules hand to the package. It imports no torch, so a dry run stays fast.
 
 Example:
@@ -17,40 +17,14 @@ from __future__ import annotations
 from typing import Any
 
 from pretrain_det3d import catalog
+from pretrain_det3d.settings.base import ConfigError
+from pretrain_det3d.settings.study import validate_study_config
 
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the config key."""
+__all__ = ["ConfigError", "validate_study_config", "validate_config"]
 
 
 def _known(names) -> str:
     return ", ".join(sorted(names)) or "none"
-
-
-def _as_int(value: Any) -> Any:
-    return int(value) if isinstance(value, str) and value.strip().lstrip("-").isdigit() else value
-
-
-def coerce_command_line_types(config: dict[str, Any]) -> None:
-    """Make integer fields given on Snakemake's command line integers again, in place.
-
-    ``snakemake --config study='{folds: [0], num_folds: 5}'`` parses nested values with YAML's BaseLoader, so
-    every leaf arrives as a string; the study's fold numbers and the seed are the integer fields a user
-    overrides that way.
-
-    Example:
-        >>> cfg = {"seed": "3", "study": {"folds": ["0", "1"], "num_folds": "5"}}
-        >>> coerce_command_line_types(cfg); cfg
-        {'seed': 3, 'study': {'folds': [0, 1], 'num_folds': 5}}
-    """
-    if "seed" in config:
-        config["seed"] = _as_int(config["seed"])
-    study = config.get("study")
-    if isinstance(study, dict):
-        if isinstance(study.get("folds"), list):
-            study["folds"] = [_as_int(f) for f in study["folds"]]
-        if "num_folds" in study:
-            study["num_folds"] = _as_int(study["num_folds"])
 
 
 def detector_class_name(config: dict[str, Any], arch: str) -> str:

@@ -5,8 +5,6 @@ import re
 import sys
 from pathlib import Path
 
-from snakemake.utils import validate
-
 # Rules run `python -m pretrain_det3d`; the workflow's own source is importable in every job (local, conda or
 # SLURM, where the Snakefile is parsed again), so a job always runs the code of this checkout.
 _SRC = str(Path(workflow.basedir) / "src")
@@ -16,7 +14,6 @@ os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("P
 from pretrain_det3d.catalog import REPORT_FIGURES, REPORT_TABLES
 from pretrain_det3d.config import (
     ConfigError,
-    coerce_command_line_types,
     converted_datasets,
     synthetic_datasets,
     finetuning_settings,
@@ -24,16 +21,17 @@ from pretrain_det3d.config import (
     inference_settings,
     pretraining_settings,
     validate_config,
+    validate_study_config,
 )
 
-# `--config study='{folds: [0], ...}'` arrives as strings (Snakemake parses nested values with YAML's
-# BaseLoader); turn digit strings of integer fields back into numbers before the schema sees them.
-coerce_command_line_types(config)
-validate(config, str(Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"))
+# Every section is checked by its settings class (pretrain_det3d.settings): unknown keys and wrong types fail
+# here, at the dry run, naming the key. `--config detectors='{retina_unet: {iterations: 5}}'` arrives as strings
+# (Snakemake parses nested values with YAML's BaseLoader); the classes coerce them to the declared types.
 try:
+    validate_study_config(config)
     validate_config(config)
 except ConfigError as error:
-    raise WorkflowError(f"invalid configuration: {error}") from None
+    raise WorkflowError(f"invalid configuration:\n{error}") from None
 
 STUDY = config["study"]
 DATA = config.get("data_dir", "results/data")

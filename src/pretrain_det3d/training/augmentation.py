@@ -30,55 +30,14 @@ from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
+from pretrain_det3d.settings.training import AugmentationSettings
+
 # the instance map must stay an instance map: nearest neighbour never invents an id
 INSTANCE_MAP_INTERPOLATION = "nearest"
 
 
-@dataclass(frozen=True)
-class AugmentationParams:
-    """Probabilities and ranges of every augmentation (nnU-Net / nnDetection 3D defaults).
-
-    Angles are in degrees and drawn per axis; ``scaling_range`` multiplies the sampling grid (a factor above 1
-    shows more of the image, so objects look smaller). Set a probability to 0 to switch a transform off.
-
-    Example:
-        >>> AugmentationParams().p_rotation
-        0.2
-        >>> AugmentationParams.from_settings({"p_rotation": 0.0}).p_rotation
-        0.0
-    """
-
-    p_rotation: float = 0.2
-    rotation_degrees: tuple[float, float] = (-30.0, 30.0)
-    p_scaling: float = 0.2
-    scaling_range: tuple[float, float] = (0.7, 1.4)
-    mirror_axes: tuple[int, ...] = (0, 1, 2)
-    p_noise: float = 0.1
-    noise_variance: tuple[float, float] = (0.0, 0.1)
-    p_brightness: float = 0.15
-    brightness_range: tuple[float, float] = (0.75, 1.25)
-    p_contrast: float = 0.15
-    contrast_range: tuple[float, float] = (0.75, 1.25)
-    p_gamma: float = 0.3
-    gamma_range: tuple[float, float] = (0.7, 1.5)
-    p_gamma_inverted: float = 0.1
-    # extra voxels read around the patch so rotation / scaling sample real image content
-    use_extraction_margin: bool = True
-
-    @classmethod
-    def from_settings(cls, overrides: Mapping[str, Any] | None) -> "AugmentationParams":
-        """Defaults updated by ``overrides``; unknown keys raise an error naming them."""
-        overrides = dict(overrides or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise KeyError(f"unknown augmentation settings {unknown}; known: {sorted(known)}")
-        converted = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-        return cls(**converted)
-
-    @property
-    def spatial_enabled(self) -> bool:
-        return self.p_rotation > 0 or self.p_scaling > 0
+#: every probability and range of the augmentation; the settings class is its one definition
+AugmentationParams = AugmentationSettings
 
 
 def extraction_size(patch_size: Sequence[int], params: AugmentationParams | None) -> tuple[int, ...]:

@@ -1,0 +1,131 @@
+"""Settings of datasets, the pre-training corpus, synthetic phantoms and preprocessing.
+
+Example:
+    >>> DatasetEntry.parse({"source": "synthetic", "synthetic": {"num_cases": 4, "shape": [48, 48, 48],
+    ...                     "spacing": [2, 1.5, 1.5]}}, where="datasets.d").synthetic.num_cases
+    4
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from pretrain_det3d.settings.base import Settings
+
+Spacing = tuple[float, float, float]
+Shape = tuple[int, int, int]
+
+
+class SyntheticLesionsSettings(Settings):
+    """A synthetic detection dataset of CT-like phantoms with lesions (``data.synthetic``)."""
+
+    kind: Literal["lesions"] = Field("lesions", description="'lesions' (detection) or 'organs' (segmentation).")
+    num_cases: int = Field(gt=0, description="Number of phantoms.")
+    shape: Shape = Field(description="Volume shape [z, y, x] in voxels (each >= 8).")
+    spacing: Spacing = Field(description="Voxel spacing [z, y, x] in mm.")
+    num_classes: int = Field(1, ge=1, le=2, description="1: 'lesion'; 2: hyperdense round / hypodense elongated.")
+    lesions_per_case: tuple[int, int] = Field((0, 4), description="[min, max] lesions per phantom.")
+    lesion_diameter: tuple[float, float] = Field((3, 20), description="[min, max] lesion diameter in voxels.")
+    spacing_jitter: float = Field(0.0, ge=0, lt=1, description="Relative per-case spacing jitter.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SyntheticLesionsSettings":
+        if min(self.shape) < 8:
+            raise ValueError(f"shape must be [z, y, x] with each >= 8, got {list(self.shape)}")
+        if min(self.spacing) <= 0:
+            raise ValueError(f"spacing must be positive, got {list(self.spacing)}")
+        for key in ("lesions_per_case", "lesion_diameter"):
+            low, high = getattr(self, key)
+            if low < 0 or low > high:
+                raise ValueError(f"{key} must be [min, max] with 0 <= min <= max, got {[low, high]}")
+        return self
+
+
+class SyntheticOrgansSettings(Settings):
+    """A synthetic organ-segmentation dataset (for ``multitalent``; ``pretraining.multitalent``)."""
+
+    kind: Literal["organs"] = Field(description="'organs'.")
+    organs: list[Literal["soft_tissue", "liver", "lung", "spine"]] = Field(min_length=1,
+                                                                          description="Organs annotated.")
+    num_cases: int = Field(gt=0, description="Number of phantoms.")
+    shape: Shape = Field(description="Volume shape [z, y, x] in voxels.")
+    spacing: Spacing = Field(description="Voxel spacing [z, y, x] in mm.")
+
+
+class SyntheticCorpusSettings(Settings):
+    """An unlabelled synthetic pre-training corpus: the lesion phantoms without labels, another seed stream."""
+
+    num_cases: int = Field(gt=0, description="Number of phantoms.")
+    shape: Shape = Field(description="Volume shape [z, y, x] in voxels.")
+    spacing: Spacing = Field(description="Voxel spacing [z, y, x] in mm.")
+    name: str | None = Field(None, description="Case-id prefix; default: the corpus folder name.")
+    lesions_per_case: tuple[int, int] = Field((0, 4), description="[min, max] lesions per phantom.")
+    lesion_diameter: tuple[float, float] = Field((3, 20), description="[min, max] lesion diameter in voxels.")
+    spacing_jitter: float = Field(0.0, ge=0, lt=1, description="Relative per-case spacing jitter.")
+
+
+class PreprocessingSettings(Settings):
+    """Preprocessing of a labelled dataset (``data.preprocessing.run_preprocessing``)."""
+
+    target_spacing: Spacing | None = Field(None, description="Target spacing [z, y, x] mm; default: the median.")
+    num_workers: int = Field(1, gt=0, description="Worker processes.")
+    foreground_intensity_samples: int = Field(10_000, gt=0, description="Foreground voxels sampled per case and "
+                                              "channel for the CT intensity statistics.")
+    foreground_locations: int = Field(1_000, ge=0, description="Foreground locations stored per case "
+                                      "(for foreground oversampling).")
+
+
+class CorpusPreprocessingSettings(Settings):
+    """Preprocessing of the unlabelled corpus (``data.preprocessing.preprocess_corpus``)."""
+
+    target_spacing: Spacing | None = Field(None, description="Target spacing [z, y, x] mm; default: the median.")
+    num_workers: int = Field(1, gt=0, description="Worker processes.")
+    foreground_intensity_samples: int = Field(10_000, gt=0, description="Body voxels sampled per volume for "
+                                              "the CT intensity statistics.")
+    modality: str = Field("CT", description="'CT' (clip and z-score by body statistics) or another modality "
+                          "(per-volume z-score).")
+    seed: int = Field(0, description="Seed of the intensity sampling.")
+
+
+class DatasetEntry(Settings):
+    """One dataset: generated (``source: synthetic``) or fetched from a ``sources`` entry and converted."""
+
+    source: str = Field(description="'synthetic' or the name of an entry under 'sources'.")
+    modality: str | None = Field(None, description="Imaging modality ('CT', 'MRI', ...).")
+    seed: int | None = Field(None, description="Seed of the synthesis; default: the top-level seed.")
+    converter: str | None = Field(None, description="Registered converter (datasets with a fetched source).")
+    convert: dict[str, Any] = Field(default_factory=dict, description="Converter settings (each converter "
+                                    "documents and checks its own; see docs/datasets.md).")
+    synthetic: SyntheticLesionsSettings | SyntheticOrgansSettings | None = Field(
+        None, discriminator="kind", description="Phantom settings of a synthetic dataset.")
+    preprocessing: PreprocessingSettings = Field(default_factory=PreprocessingSettings,
+                                                 description="Preprocessing settings.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_kind(cls, data: Any) -> Any:
+        # the discriminator needs the kind; a synthetic entry without one is a lesion dataset
+        if isinstance(data, dict) and isinstance(data.get("synthetic"), dict) and "kind" not in data["synthetic"]:
+            data = {**data, "synthetic": {"kind": "lesions", **data["synthetic"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _source_matches(self) -> "DatasetEntry":
+        if self.source == "synthetic" and self.synthetic is None:
+            raise ValueError("a synthetic dataset needs a 'synthetic' section")
+        if self.source != "synthetic" and self.converter is None:
+            raise ValueError(f"dataset with source {self.source!r} needs a 'converter'")
+        return self
+
+
+class CorpusEntry(Settings):
+    """The unlabelled pre-training corpus of the self-supervised methods."""
+
+    name: str = Field(description="Folder name of the corpus under the data directory.")
+    source: Literal["synthetic"] = Field(description="Where the volumes come from ('synthetic').")
+    seed: int | None = Field(None, description="Seed of the synthesis; default: the top-level seed + 1000.")
+    synthetic: SyntheticCorpusSettings | None = Field(None, description="Phantom settings of a synthetic corpus.")
+    preprocessing: CorpusPreprocessingSettings = Field(default_factory=CorpusPreprocessingSettings,
+                                                       description="Preprocessing settings.")

@@ -1,0 +1,125 @@
+"""Settings of the detectors: the training loop plus each detector's own constructor keywords.
+
+A config entry ``detectors.<name>`` is validated with the class registered here for its ``detector:`` (or, when
+that key is absent, for the entry's name). The model modules take their constructor defaults from these
+classes, so a default is written once. Values follow the project's current recipe; the release's differences
+are tracked in docs/settings.md and the detector issue.
+
+Example:
+    >>> s = RetinaUNetSettings.parse({"iterations": "50", "fpn_channels": 32}, where="detectors.retina_unet")
+    >>> s.iterations, s.fpn_channels, s.optimizer
+    (50, 32, 'sgd')
+    >>> DeformableDETRSettings.default("optimizer"), DeformableDETRSettings.default("warmup_iterations")
+    ('adamw', 10000)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from pretrain_det3d.settings.base import ConfigError, Settings
+from pretrain_det3d.settings.training import TrainingSettings
+
+Vector6 = tuple[float, float, float, float, float, float]
+
+
+class DetectorSettings(TrainingSettings):
+    """Keys every detector entry has besides the training loop."""
+
+    detector: str | None = Field(None, description="Registered detector class of this entry; default: the "
+                                 "entry's name (so two entries can run one detector with different settings).")
+    preset: str | None = Field(None, description="Backbone preset; default: the config's top-level 'backbone'.")
+    stage_to_local: bool = Field(False, description="Copy the job's training cases to local disk ($TMPDIR) first.")
+    stage_dir: str | None = Field(None, description="Where stage_to_local copies to; default $TMPDIR.")
+
+    @classmethod
+    def model_keywords(cls) -> list[str]:
+        """The keys that are constructor keywords of the detector (not training-loop or bookkeeping keys)."""
+        return [k for k in cls.model_fields if k not in DetectorSettings.model_fields]
+
+
+class RetinaUNetSettings(DetectorSettings):
+    """Retina U-Net on a ResEnc encoder (``models.retina_unet.RetinaUNet``)."""
+
+    head_strides: list[int] | None = Field(None, description="Strides of the head levels; default 4, 8, 16 "
+                                           "(those the backbone offers).")
+    anchor_shapes: list[list[list[float]]] | None = Field(
+        None, description="Explicit anchor shapes per level [[z, y, x], ...]; default: planned from the boxes.")
+    anchors_per_level: int = Field(3, gt=0, description="Planned anchor shapes per head level.")
+    fpn_channels: int = Field(128, gt=0, description="Width of the FPN's head levels.")
+    head_convs: int = Field(2, ge=0, description="Convolutions in each head's tower.")
+    atss_candidates: int = Field(4, gt=0, description="ATSS candidate anchors per level and box.")
+    atss_center_in_gt: bool = Field(False, description="ATSS: require anchor centres inside the box.")
+    hnm_batch_size_per_image: int = Field(64, gt=0, description="Hard-negative sampler: anchors per image.")
+    hnm_positive_fraction: float = Field(0.33, gt=0, le=1, description="Hard-negative sampler: positive share.")
+    hnm_pool_size: float = Field(20, gt=0, description="Hard-negative sampler: candidate pool, in multiples.")
+    hnm_min_neg: int = Field(1, ge=0, description="Hard-negative sampler: minimum negatives per image.")
+    focal_alpha: float = Field(0.25, ge=0, le=1, description="Focal loss alpha.")
+    focal_gamma: float = Field(2.0, ge=0, description="Focal loss gamma.")
+    box_weights: Vector6 = Field((1.0, 1.0, 1.0, 1.0, 1.0, 1.0), description="Box coder weights.")
+    cls_weight: float = Field(1.0, ge=0, description="Weight of the classification loss.")
+    reg_weight: float = Field(1.0, ge=0, description="Weight of the box regression loss.")
+    seg_weight: float = Field(1.0, ge=0, description="Weight of the auxiliary segmentation loss.")
+    score_threshold: float = Field(0.05, ge=0, le=1, description="Per-tile score threshold at inference.")
+    topk_per_level: int = Field(1000, gt=0, description="Candidates kept per level before NMS.")
+    nms_iou: float = Field(0.5, gt=0, le=1, description="Per-tile NMS IoU.")
+    max_detections: int = Field(100, gt=0, description="Detections kept per tile.")
+
+
+class DeformableDETRSettings(DetectorSettings):
+    """Two-stage 3D Deformable DETR on a ResEnc encoder (``models.deformable_detr.DeformableDETR``)."""
+
+    # the DETR's own optimiser recipe (DESIGN.md: AdamW lr 3e-4, wd 1e-4, 10000 warm-up iterations)
+    optimizer: Literal["sgd", "adamw"] = Field("adamw", description="SGD with Nesterov momentum, or AdamW.")
+    lr: float = Field(3e-4, ge=0, description="Peak learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, description="Weight decay.")
+    warmup_iterations: int = Field(10000, ge=0, description="Linear warm-up steps (must be below iterations).")
+
+    feature_strides: list[int] | None = Field(None, description="Encoder strides feeding the channel mapper; "
+                                              "default: the deepest stages, four levels with extra_levels.")
+    extra_levels: int = Field(0, ge=0, description="Extra stride-2 levels made from the deepest feature map.")
+    hidden_dim: int = Field(128, gt=0, description="Transformer width.")
+    num_heads: int = Field(8, gt=0, description="Attention heads.")
+    num_points: int = Field(4, gt=0, description="Sampling points per head and level.")
+    num_encoder_layers: int = Field(3, ge=0, description="Deformable encoder layers.")
+    num_decoder_layers: int = Field(6, gt=0, description="Decoder layers.")
+    ffn_dim: int = Field(1024, gt=0, description="Feed-forward width.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout in the transformer.")
+    num_queries: int = Field(300, gt=0, description="Object queries (two-stage: top proposals).")
+    group_norm_groups: int = Field(32, gt=0, description="GroupNorm groups of the channel mapper.")
+    proposal_base_size: float = Field(0.05, gt=0, description="Normalised size of finest-level proposals.")
+    cost_class: float = Field(2.0, ge=0, description="Hungarian matching: classification cost.")
+    cost_bbox: float = Field(5.0, ge=0, description="Hungarian matching: L1 box cost.")
+    cost_giou: float = Field(2.0, ge=0, description="Hungarian matching: GIoU cost.")
+    focal_alpha: float = Field(0.25, ge=0, le=1, description="Focal loss alpha.")
+    focal_gamma: float = Field(2.0, ge=0, description="Focal loss gamma.")
+    cls_weight: float = Field(2.0, ge=0, description="Weight of the classification loss.")
+    l1_weight: float = Field(5.0, ge=0, description="Weight of the L1 box loss.")
+    giou_weight: float = Field(2.0, ge=0, description="Weight of the GIoU loss.")
+    max_detections: int = Field(100, gt=0, description="Detections kept per tile.")
+    score_threshold: float = Field(0.0, ge=0, le=1, description="Per-tile score threshold at inference.")
+
+
+#: registered detector name -> its settings class (``catalog.DETECTOR_MODULES`` names the same detectors)
+DETECTOR_SETTINGS: dict[str, type[DetectorSettings]] = {
+    "retina_unet": RetinaUNetSettings,
+    "deformable_detr": DeformableDETRSettings,
+}
+
+
+def detector_settings_class(name: str, where: str = "detectors") -> type[DetectorSettings]:
+    """The settings class of registered detector ``name``; unknown names are a :class:`ConfigError`."""
+    try:
+        return DETECTOR_SETTINGS[name]
+    except KeyError:
+        raise ConfigError(f"config key {where!r}: no registered detector {name!r}; registered: "
+                          f"{', '.join(sorted(DETECTOR_SETTINGS))}") from None
+
+
+def training_defaults(name: str) -> dict[str, Any]:
+    """Training-loop defaults of detector ``name`` that differ from ``TrainingSettings``'s."""
+    cls = DETECTOR_SETTINGS[name]
+    return {k: cls.default(k) for k in TrainingSettings.model_fields
+            if cls.default(k) != TrainingSettings.default(k)}

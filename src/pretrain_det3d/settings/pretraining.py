@@ -1,0 +1,107 @@
+"""Settings of the pre-training methods: the training loop with pre-training defaults plus each method's keys.
+
+A config entry ``pretraining.methods.<name>`` is validated with the class registered here for its ``method:``
+(or the entry's name). The method modules read their defaults from these classes.
+
+Example:
+    >>> s = MAESettings.parse({"mask_ratio": "0.6"}, where="pretraining.methods.mae")
+    >>> s.mask_ratio, s.mask_block, s.momentum
+    (0.6, 16, 0.99)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pretrain_det3d.settings.base import ConfigError
+from pretrain_det3d.settings.training import AugmentationSettings, Triple, TrainingSettings, as_triple
+
+
+class PretrainingSettings(TrainingSettings):
+    """Keys every pre-training method has; the training-loop defaults are those of pre-training."""
+
+    method: str | None = Field(None, description="Registered pre-training method of this entry; default: the "
+                               "entry's name.")
+    preset: str | None = Field(None, description="Backbone preset; default: the config's top-level 'backbone'.")
+    momentum: float = Field(0.99, ge=0, lt=1, description="SGD momentum (Nesterov).")
+    warmup_iterations: int = Field(0, ge=0, description="Linear warm-up steps (must be below iterations).")
+    augmentation: bool | AugmentationSettings = Field(False, description="Augmentation of the pre-training "
+                                                      "patches (true / false / augmentation settings).")
+    foreground_fraction: float = Field(0.0, ge=0, le=1, description="Share of patches centred on foreground.")
+
+
+class MAESettings(PretrainingSettings):
+    """Masked autoencoder (``pretraining.mae``): blocky mask, MSE on masked voxels."""
+
+    mask_ratio: float = Field(0.75, gt=0, lt=1, description="Share of masked blocks.")
+    mask_block: int = Field(16, gt=0, description="Edge of a mask block in voxels (the paper: 16).")
+
+
+class Spark3DSettings(MAESettings):
+    """Sparse masked autoencoder (``pretraining.spark3d``)."""
+
+    mask_token_std: float = Field(0.02, gt=0, description="Init std of the learnable mask tokens.")
+
+
+class ModelsGenesisSettings(PretrainingSettings):
+    """Models Genesis restoration (``pretraining.models_genesis``)."""
+
+
+class VoCoSettings(PretrainingSettings):
+    """Volume contrast (``pretraining.voco``); ``patch_size`` is the region split into base crops."""
+
+    base_grid: Triple = Field((2, 2, 2), description="Base crops per axis [z, y, x] (one number: all axes).")
+    num_target_crops: int = Field(4, gt=0, description="Random target crops per region.")
+    projection_hidden: int = Field(512, gt=0, description="Hidden width of the projector (thrown away after).")
+    projection_dim: int = Field(256, gt=0, description="Output width of the projector.")
+    prediction_weight: float = Field(1.0, ge=0, description="Weight of the overlap-prediction loss.")
+    regularisation_weight: float = Field(1.0, ge=0, description="Weight of the base-crop regulariser.")
+
+    _grid_triple = field_validator("base_grid", mode="before")(as_triple)
+
+
+class LabelledDatasetEntry(BaseModel):
+    """One labelled dataset of a supervised pre-training method."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str = Field(description="A dataset defined under 'datasets'.")
+    classes: list[str] | None = Field(None, description="Classes learnt; default: every class of the dataset.")
+
+
+class MultiTalentSettings(PretrainingSettings):
+    """Supervised multi-dataset segmentation (``pretraining.multitalent``)."""
+
+    augmentation: bool | AugmentationSettings = Field(True, description="Augmentation of the pre-training patches.")
+    foreground_fraction: float = Field(0.33, ge=0, le=1, description="nnU-Net's foreground oversampling.")
+    datasets: list[LabelledDatasetEntry] = Field(min_length=1, description="Labelled datasets to learn from.")
+    bce_weight: float = Field(1.0, ge=0, description="Weight of the binary cross-entropy.")
+    dice_weight: float = Field(1.0, ge=0, description="Weight of the soft Dice loss.")
+
+
+#: registered method name -> its settings class (``catalog.PRETRAINING_MODULES`` names the same methods)
+METHOD_SETTINGS: dict[str, type[PretrainingSettings]] = {
+    "mae": MAESettings,
+    "spark3d": Spark3DSettings,
+    "models_genesis": ModelsGenesisSettings,
+    "voco": VoCoSettings,
+    "multitalent": MultiTalentSettings,
+}
+
+
+def method_settings_class(name: str, where: str = "pretraining.methods") -> type[PretrainingSettings]:
+    """The settings class of registered method ``name``; unknown names are a :class:`ConfigError`."""
+    try:
+        return METHOD_SETTINGS[name]
+    except KeyError:
+        raise ConfigError(f"config key {where!r}: no registered pre-training method {name!r}; registered: "
+                          f"{', '.join(sorted(METHOD_SETTINGS))}") from None
+
+
+def training_defaults(name: str) -> dict[str, Any]:
+    """Training-loop defaults of method ``name`` (every training key, so the method's defaults win)."""
+    cls = METHOD_SETTINGS[name]
+    return {k: cls.default(k) for k in TrainingSettings.model_fields
+            if cls.default(k) != TrainingSettings.default(k)}

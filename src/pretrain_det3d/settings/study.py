@@ -1,0 +1,164 @@
+"""The whole study configuration: top-level keys and the sections that are not a detector, method or dataset.
+
+:func:`validate_study_config` is what the workflow runs at the dry run (``workflow/rules/common.smk``): every
+section is checked by its settings class, unknown keys and wrong types fail naming the key (with a "did you
+mean"), and the validated values (command-line strings coerced to numbers) are written back into the config.
+
+Example:
+    >>> cfg = {"seed": "0", "backbone": "resenc_demo",
+    ...        "study": {"datasets": ["d"], "detectors": ["retina_unet"], "initialisations": ["scratch"],
+    ...                  "folds": ["0"], "num_folds": "2"},
+    ...        "datasets": {"d": {"source": "synthetic", "synthetic": {"num_cases": 4, "shape": [16, 16, 16],
+    ...                     "spacing": [1, 1, 1]}}},
+    ...        "detectors": {"retina_unet": {"patch_size": [16, 16, 16], "iterations": "5"}},
+    ...        "pretraining": {"corpus": {"name": "c", "source": "synthetic"}, "methods": {}}}
+    >>> validate_study_config(cfg)
+    >>> cfg["seed"], cfg["study"]["folds"], cfg["detectors"]["retina_unet"]["iterations"]
+    (0, [0], 5)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping
+
+from pydantic import Field
+
+from pretrain_det3d.settings.base import ConfigError, Settings, suggestion
+from pretrain_det3d.settings.data import CorpusEntry, DatasetEntry
+from pretrain_det3d.settings.detectors import DETECTOR_SETTINGS, detector_settings_class
+from pretrain_det3d.settings.pretraining import METHOD_SETTINGS, method_settings_class
+
+#: rules whose threads, memory and runtime the ``resources`` section may set (``default``: every rule)
+RESOURCE_RULES: tuple[str, ...] = (
+    "default", "synthesize_dataset", "download_source", "convert_dataset", "check_dataset", "preprocess_dataset",
+    "synthesize_corpus", "preprocess_corpus", "pretrain", "fetch_published_checkpoint", "finetune", "predict",
+    "evaluate", "export_luna16", "aggregate", "figure", "table",
+)
+
+
+class StudySettings(Settings):
+    """The grid: which datasets, detectors, initialisations and folds run."""
+
+    datasets: list[str] = Field(min_length=1, description="Datasets (names under 'datasets').")
+    detectors: list[str] = Field(min_length=1, description="Detector entries (names under 'detectors').")
+    initialisations: list[str] = Field(min_length=1, description="'scratch', methods under "
+                                       "'pretraining.methods' or checkpoints under 'pretraining.published'.")
+    folds: list[int] = Field(min_length=1, description="Folds to run (0-based).")
+    num_folds: int = Field(ge=2, description="Folds of the cross-validation split.")
+
+
+class InferenceSettings(Settings):
+    """Sliding-window prediction (``inference.predict``); ``patch_size`` comes from the detector entry."""
+
+    overlap: float = Field(0.5, ge=0, le=0.95, description="Overlap of neighbouring tiles (fraction).")
+    mirror: bool = Field(False, description="Mirror test-time augmentation over all spatial axes.")
+    max_detections: int = Field(100, gt=0, description="Detections kept per case.")
+    nms_iou: float = Field(0.5, gt=0, le=1, description="IoU of the class-wise NMS over all tiles.")
+    score_threshold: float = Field(0.0, ge=0, le=1, description="Boxes below this score are dropped.")
+    batch_size: int = Field(1, gt=0, description="Tiles per forward pass.")
+    device: str = Field("cpu", description="'cpu', 'cuda[:i]' or 'auto'.")
+    patch_size: tuple[int, int, int] | None = Field(None, description="Tile size; default: the detector's "
+                                                    "training patch size.")
+
+
+class StatisticsSettings(Settings):
+    """Knobs of the report's statistics (``analysis.outputs``)."""
+
+    n_resamples: int = Field(1000, gt=0, description="Case-bootstrap resamples.")
+    seed: int = Field(0, description="Seed of the bootstrap.")
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level (Holm-corrected).")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level of the intervals.")
+    test: Literal["auto", "wilcoxon", "bootstrap"] = Field("auto", description="Test against scratch: "
+                                                           "Wilcoxon over folds, paired case bootstrap, or auto.")
+    metric: str = Field("AP_IoU_0.10_MaxDet_100", description="Metric of the comparisons.")
+
+
+class ResourceSettings(Settings):
+    """Threads, memory and runtime of one rule's jobs."""
+
+    threads: int | None = Field(None, gt=0, description="Threads (CPUs) per job.")
+    mem_mb: int | None = Field(None, gt=0, description="Memory per job in MB.")
+    runtime: int | None = Field(None, gt=0, description="Time limit per job in minutes.")
+
+
+class PublishedCheckpointEntry(Settings):
+    """A published nnssl checkpoint used as an initialisation (exactly one of url and path)."""
+
+    url: str | None = Field(None, description="Download address.")
+    path: str | None = Field(None, description="A local copy instead of a download.")
+    sha256: str | None = Field(None, description="Expected sha256 of the file (checked when given).")
+    description: str | None = Field(None, description="What the checkpoint is.")
+    licence: str | None = Field(None, description="Its licence.")
+
+
+class PretrainingSection(Settings):
+    """Pre-training: the corpus, the methods to run and published checkpoints."""
+
+    corpus: CorpusEntry = Field(description="The unlabelled corpus of the self-supervised methods.")
+    methods: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Initialisation name -> method "
+                                               "settings (see the method sections below).")
+    published: dict[str, PublishedCheckpointEntry] | None = Field(None, description="Initialisation name -> a "
+                                                                  "published checkpoint.")
+
+
+class StudyConfig(Settings):
+    """A study configuration (``config/config.yaml`` is the demo, ``config/paper.yaml`` the paper)."""
+
+    seed: int = Field(description="Seed of every random choice (synthesis, splits, sampling, initialisation).")
+    data_dir: str = Field("results/data", description="Where downloaded, converted, preprocessed and corpus data "
+                          "live (put it on cluster storage for the paper).")
+    backbone: str = Field(description="ResEnc preset shared by pre-training and every detector ('resenc_l' is "
+                          "the paper's).")
+    study: StudySettings = Field(description="The grid of the study.")
+    datasets: dict[str, DatasetEntry] = Field(description="Dataset name -> how to obtain and preprocess it.")
+    sources: dict[str, dict[str, Any]] | None = Field(None, description="Source name -> where a dataset's raw "
+                                                      "files come from (data.sources.SourceEntry).")
+    pretraining: PretrainingSection = Field(description="Pre-training corpus, methods and published checkpoints.")
+    detectors: dict[str, dict[str, Any]] = Field(description="Detector entry name -> fine-tuning settings "
+                                                 "(see the detector sections below).")
+    inference: InferenceSettings = Field(default_factory=InferenceSettings, description="Prediction settings.")
+    statistics: StatisticsSettings = Field(default_factory=StatisticsSettings, description="Report statistics.")
+    resources: dict[str, ResourceSettings] = Field(default_factory=dict, description="Rule name (or 'default') -> "
+                                                   "threads, mem_mb, runtime.")
+
+
+def _validated_entries(entries: Mapping[str, Any], where: str, registry: Mapping[str, type],
+                       name_key: str, lookup) -> dict[str, dict[str, Any]]:
+    checked = {}
+    for name, entry in entries.items():
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"config key '{where}.{name}': must be a mapping of settings, got {entry!r}")
+        registered = str(entry.get(name_key) or name)
+        cls = lookup(registered, f"{where}.{name}.{name_key}" if name_key in entry else f"{where}.{name}")
+        checked[name] = cls.parse(entry, where=f"{where}.{name}").model_dump(mode="json", exclude_unset=True)
+    return checked
+
+
+def validate_study_config(config: dict[str, Any]) -> None:
+    """Check ``config`` against the settings classes and write the validated values back, in place.
+
+    Only keys the user set are written back (defaults stay implicit, so the rules' parameters, and with them
+    Snakemake's rerun triggers, change only when the user changes something); their values are coerced to the
+    declared types. Every problem raises :class:`ConfigError` naming the config key.
+    """
+    top = StudyConfig.parse(config, where="")
+    for rule in config.get("resources") or {}:
+        if rule not in RESOURCE_RULES:
+            raise ConfigError(f"config key 'resources.{rule}': unknown rule;{suggestion(rule, list(RESOURCE_RULES))} "
+                              f"Allowed: {', '.join(RESOURCE_RULES)}")
+    validated = top.model_dump(mode="json", exclude_unset=True)
+    validated["detectors"] = _validated_entries(config["detectors"], "detectors", DETECTOR_SETTINGS, "detector",
+                                                detector_settings_class)
+    validated["pretraining"]["methods"] = _validated_entries(
+        config["pretraining"].get("methods") or {}, "pretraining.methods", METHOD_SETTINGS, "method",
+        method_settings_class)
+    if config.get("sources"):
+        from pretrain_det3d.data.sources import SourceConfigError, SourceEntry
+
+        for name, entry in config["sources"].items():
+            try:
+                SourceEntry.from_dict(name, entry)
+            except SourceConfigError as error:
+                raise ConfigError(str(error)) from None
+    config.clear()
+    config.update(validated)
