@@ -58,7 +58,7 @@ import torch
 from tqdm import tqdm
 
 from pretrain_det3d import __version__
-from pretrain_det3d.training.augmentation import AugmentationParams
+from pretrain_det3d.settings.training import GRAD_CLIP_NORM, TrainingSettings  # noqa: F401 (re-exported)
 from pretrain_det3d.training.dataloader import CaseRecord, PatchBatchStream, build_loader
 from pretrain_det3d.training.schedule import PolyWarmupSchedule, build_optimizer
 from pretrain_det3d.utils.atomic import atomic_path, save_torch
@@ -69,7 +69,6 @@ CHECKPOINT_LATEST = "checkpoint_latest.pth"
 MODEL_FINAL = "model_final.pth"
 LOG_NAME = "log.csv"
 RUNNING_LOG_SUFFIX = ".running"  # the log grows here during training; the named log appears whole at the end
-GRAD_CLIP_NORM = 12.0
 #: ``amp_dtype`` values: "auto" = bf16 where the GPU supports it, else fp16, and full precision on CPU
 AMP_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHANNELS_LAST_CHOICES = ("auto", True, False)
@@ -131,95 +130,6 @@ def stop_requests(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[threading.E
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
-
-
-@dataclass(frozen=True)
-class TrainingSettings:
-    """Every knob of the training loop, with the fine-tuning defaults of the paper's Retina U-Net.
-
-    ``augmentation`` is ``True`` (defaults), ``False`` (off) or a mapping of ``AugmentationParams`` overrides.
-    ``threads`` sets ``torch.set_num_threads`` (``None`` leaves torch's choice). ``device`` is ``"auto"``
-    (CUDA when available), ``"cpu"`` or ``"cuda[:i]"``.
-
-    Example:
-        >>> s = TrainingSettings.from_settings({"iterations": 10, "warmup_iterations": 2, "preset": "ignored"})
-        >>> s.iterations, s.optimizer, s.grad_clip
-        (10, 'sgd', 12.0)
-    """
-
-    iterations: int = 1000
-    batch_size: int = 2
-    patch_size: tuple[int, int, int] = (64, 64, 64)
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 3e-5
-    warmup_iterations: int = 100
-    grad_clip: float = GRAD_CLIP_NORM
-    checkpoint_every: int = 100
-    num_workers: int = 0
-    augmentation: bool | Mapping[str, Any] = True
-    foreground_fraction: float = 0.5
-    device: str = "auto"
-    threads: int | None = None
-    mixed_precision: bool = True
-    # ---- fast paths (see docs/benchmark.md); each falls back to the plain path where it cannot apply
-    amp_dtype: str = "auto"  # "auto" | "bfloat16" | "float16"; "bfloat16" also autocasts on CPU
-    cudnn_benchmark: bool = True  # CUDA only: let cuDNN pick the fastest convolution algorithms
-    pin_memory: bool = True  # CUDA only: page-locked batches and non-blocking host-to-device copies
-    persistent_workers: bool = True  # with num_workers > 0: keep the loader processes alive between passes
-    prefetch_factor: int = 2  # with num_workers > 0: batches each worker prepares ahead
-    memory_map: bool = True  # read patches out of memory-mapped arrays instead of loading whole cases
-    compile: bool = False  # torch.compile the model's forward (nn.Module.compile keeps state-dict keys)
-    # "auto" | true | false: 3D conv weights in channels-last layout ("auto": on CPU, where it was measured)
-    channels_last: bool | str = "auto"
-    keep_latest_checkpoint: bool = False  # nnU-Net style: drop checkpoint_latest once the final file exists
-    progress_bar: bool = True
-
-    @classmethod
-    def from_settings(cls, settings: Mapping[str, Any] | None, **defaults: Any) -> "TrainingSettings":
-        """Known keys of ``settings`` over ``defaults`` over the class defaults; other keys are ignored
-        (they belong to the detector or the pre-training method)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(defaults) - known)
-        if bad:
-            raise KeyError(f"unknown training defaults {bad}")
-        values = {**defaults, **{k: v for k, v in dict(settings or {}).items() if k in known}}
-        if "patch_size" in values:
-            patch = values["patch_size"]
-            patch = [patch] * 3 if isinstance(patch, int) else list(patch)
-            if len(patch) != 3:
-                raise ValueError(f"settings key 'patch_size' must have three entries, got {values['patch_size']}")
-            values["patch_size"] = tuple(int(p) for p in patch)
-        resolved = cls(**values)
-        resolved.validate()
-        return resolved
-
-    def validate(self) -> None:
-        for key in ("iterations", "batch_size", "checkpoint_every"):
-            if int(getattr(self, key)) <= 0:
-                raise ValueError(f"settings key {key!r} must be positive, got {getattr(self, key)}")
-        if not 0 <= self.warmup_iterations < self.iterations:
-            raise ValueError(
-                f"settings key 'warmup_iterations' must lie in [0, iterations={self.iterations}), "
-                f"got {self.warmup_iterations}"
-            )
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"settings key 'grad_clip' must be positive or null, got {self.grad_clip}")
-        if self.amp_dtype not in AMP_DTYPES:
-            raise ValueError(f"settings key 'amp_dtype' must be one of {sorted(AMP_DTYPES)}, got {self.amp_dtype!r}")
-        if int(self.prefetch_factor) <= 0:
-            raise ValueError(f"settings key 'prefetch_factor' must be positive, got {self.prefetch_factor}")
-        check_channels_last(self.channels_last)
-
-    def augmentation_params(self) -> AugmentationParams | None:
-        if self.augmentation is True:
-            return AugmentationParams()
-        if not self.augmentation:
-            return None
-        if isinstance(self.augmentation, Mapping):
-            return AugmentationParams.from_settings(self.augmentation)
-        raise ValueError(f"settings key 'augmentation' must be true, false or a mapping, got {self.augmentation!r}")
 
 
 def resolve_device(name: str) -> torch.device:
