@@ -439,14 +439,14 @@ def load_npy(path: str | os.PathLike, mmap_mode: str | None = None, regenerate: 
             version = np.lib.format.read_magic(handle)
             if version == (1, 0):
                 shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
-            elif version == (2, 0):
+            elif version in ((2, 0), (3, 0)):  # 3.0 differs from 2.0 only in allowing utf-8 field names
                 shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
             else:
-                shape, dtype = None, None  # a newer header layout: np.load below still catches damage
+                raise ValueError(f"unknown .npy format version {version}")
             data_start = handle.tell()
     except (ValueError, OSError, EOFError, SyntaxError) as error:
         raise CorruptFileError.for_file(path, f"not a readable .npy array, its header is damaged ({error}); {hint}") from None
-    if shape is not None and not dtype.hasobject:
+    if not dtype.hasobject:
         needed = data_start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         size = path.stat().st_size
         if size < needed:
