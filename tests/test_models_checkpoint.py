@@ -10,9 +10,10 @@ from pretrain_det3d.models.checkpoint import (
     KEYS_TO_IN_PROJ,
     CheckpointFormatError,
     load_pretrained_encoder,
+    read_pretraining_checkpoint,
     save_pretraining_checkpoint,
 )
-from pretrain_det3d.models.registry import build_detector
+from pretrain_det3d.models.registry import build_detector, load_detector, save_detector
 
 
 
@@ -132,3 +133,45 @@ def test_wrapper_prefixes_are_stripped(tmp_path) -> None:
     detector = build_detector("retina_unet", DETECTOR_SETTINGS, 1, 1, PLAN)
     load_pretrained_encoder(detector, path)
     assert torch.equal(detector.encoder.stem.convs[0].conv.weight, net.encoder.stem.convs[0].conv.weight)
+
+
+class _Payload:
+    """An arbitrary class: a weights-only load must refuse to unpickle it."""
+
+
+def test_unsafe_pickle_is_named_without_torchs_unsafe_advice(tmp_path) -> None:
+    path = tmp_path / "evil.pth"
+    torch.save({"network_weights": {}, "nnssl_adaptation_plan": {}, "payload": _Payload()}, path)
+    with pytest.raises(CheckpointFormatError) as error:
+        read_pretraining_checkpoint(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: not a safe nnssl checkpoint: it holds Python objects (")
+    assert "_Payload) that a weights-only load refuses" in message
+    assert "expected a torch.save'd dict {'network_weights'" in message
+    assert "weights_only=False" not in message and "weights_only` set to `False" not in message
+    assert "add_safe_globals" not in message
+
+
+def test_truncated_checkpoint_is_named_as_truncated(tmp_path) -> None:
+    path = tmp_path / "cut.pth"
+    save_pretraining_checkpoint(path, _pretrained_unet(), "resenc_demo", 1, [32, 32, 32], "mae")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointFormatError) as error:
+        read_pretraining_checkpoint(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: not a safe nnssl checkpoint: it is truncated or damaged (")
+    assert "weights_only=False" not in message
+
+
+def test_corrupt_detector_file_names_the_file_and_the_rerun(tmp_path) -> None:
+    model = build_detector("retina_unet", {"preset": "resenc_demo", "fpn_channels": 8}, 1, 1, PLAN)
+    path = tmp_path / "fold0" / "model_final.pth"
+    save_detector(path, model, "retina_unet")
+    assert isinstance(load_detector(path)[0], torch.nn.Module)
+    path.write_bytes(path.read_bytes()[:4096])
+    with pytest.raises(ValueError) as error:
+        load_detector(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: not a readable model checkpoint: it is truncated or damaged (")
+    assert f"rerun the finetune job that writes it (snakemake {path})" in message
+    assert "weights_only" not in message and "internal miniz error" not in message

@@ -84,3 +84,23 @@ def test_local_copy_with_wrong_hash(served, tmp_path):
 def test_entry_needs_exactly_one_location(tmp_path):
     with pytest.raises(PublishedCheckpointError, match="exactly one"):
         fetch_published_checkpoint({"url": "http://127.0.0.1:9/x", "path": "/x"}, tmp_path / "c.pth")
+
+
+class Payload:
+    """An arbitrary class: a weights-only load must refuse to unpickle it."""
+
+
+def test_unsafe_pickle_is_refused_naming_the_source_without_unsafe_advice(tmp_path):
+    source = tmp_path / "downloads" / "release.pth"
+    source.parent.mkdir()
+    torch.save({"network_weights": {}, "nnssl_adaptation_plan": {}, "payload": Payload()}, source)
+    out = tmp_path / "pretrain" / "released" / "checkpoint_final.pth"
+    with pytest.raises(PublishedCheckpointError) as info:
+        fetch_published_checkpoint({"path": str(source)}, out, where="pretraining.published.released")
+    message = str(info.value)
+    assert message.startswith(f"{source} (pretraining.published.released): not a safe nnssl checkpoint: it holds "
+                              "Python objects (")
+    assert "expected a torch.save'd dict {'network_weights'" in message
+    assert "weights_only=False" not in message and "weights_only` set to `False" not in message
+    assert ".tmp" not in message  # the hidden temporary it was read from is gone; it must not be named
+    assert not out.exists() and list(out.parent.iterdir()) == []

@@ -21,6 +21,8 @@ Example:
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -139,6 +141,34 @@ def _strip_wrapper_prefixes(key: str) -> str:
     return key
 
 
+#: What a checkpoint file must hold, for messages.
+EXPECTED_CHECKPOINT = (
+    "a torch.save'd dict {'network_weights': state dict of tensors, 'nnssl_adaptation_plan': {...}} holding only "
+    "tensors, numbers, strings and plain containers"
+)
+
+
+def torch_load_problem(error: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in a few words and without torch's advice to
+    retry with ``weights_only=False`` (this project never unpickles arbitrary objects).
+
+    Example:
+        >>> torch_load_problem(EOFError())
+        'it is empty or cut short'
+        >>> torch_load_problem(RuntimeError("PytorchStreamReader failed reading zip archive: failed finding "
+        ...                                 "central directory. This is an internal miniz error."))
+        'it is truncated or damaged (PytorchStreamReader failed reading zip archive: failed finding central directory)'
+    """
+    if isinstance(error, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        named = f" ({found[1]})" if found else ""
+        return f"it holds Python objects{named} that a weights-only load refuses"
+    text = str(error).strip()
+    if isinstance(error, EOFError) or not text:
+        return "it is empty or cut short"
+    return f"it is truncated or damaged ({text.split('. ')[0].splitlines()[0].rstrip('.')})"
+
+
 def read_pretraining_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Return ``(network_weights, adaptation_plan)``; raise :class:`CheckpointFormatError` naming the file."""
     path = Path(path)
@@ -147,7 +177,11 @@ def read_pretraining_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torc
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types
-        raise CheckpointFormatError(f"{path}: cannot be read as a weights-only torch checkpoint ({error})") from error
+        # torch's own text advises weights_only=False, i.e. running code from the file: never repeat that
+        raise CheckpointFormatError(
+            f"{path}: not a safe nnssl checkpoint: {torch_load_problem(error)}. Checkpoints are only read with a "
+            f"weights-only load (no pickled code); expected {EXPECTED_CHECKPOINT}"
+        ) from error
     if not isinstance(record, dict):
         raise CheckpointFormatError(f"{path}: expected a dict in nnssl's schema, got {type(record).__name__}")
     for key in ("network_weights", "nnssl_adaptation_plan"):

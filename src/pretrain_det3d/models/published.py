@@ -67,10 +67,13 @@ def fetch_published_checkpoint(entry: Mapping[str, Any], out_path: str | os.Path
             if expected and file_digest(tmp) != str(expected).lower():
                 raise PublishedCheckpointError(f"{source}: sha256 {file_digest(tmp)} differs from {where}.sha256 {expected}")
         digest = file_digest(tmp)
+        source = str(entry.get("url") or entry.get("path"))
         try:
             weights, plan = read_pretraining_checkpoint(tmp)
         except Exception as error:
-            raise PublishedCheckpointError(f"{entry.get('url') or entry.get('path')}: {error}") from error
+            # the reader names the hidden temporary, which is gone by now: name the source and the config key
+            problem = str(error).removeprefix(f"{tmp}: ")
+            raise PublishedCheckpointError(f"{source} ({where}): {problem}") from error
         if not expected:
             LOGGER.warning("%s: no sha256 in the config; this file's sha256 is %s (pin it to verify later fetches)",
                            where, digest)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from pretrain_det3d import catalog
+from pretrain_det3d.models.checkpoint import torch_load_problem
 from pretrain_det3d.utils.atomic import save_torch
 from pretrain_det3d.utils.registry import Registry
 
@@ -112,7 +113,13 @@ def load_detector(path: str | os.PathLike, map_location: str | torch.device = "c
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: detector file not found")
-    record = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        record = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for damaged files
+        raise ValueError(
+            f"{path}: not a readable model checkpoint: {torch_load_problem(error)}. Delete it and rerun the "
+            f"finetune job that writes it (snakemake {path})"
+        ) from error
     if not isinstance(record, dict) or any(key not in record for key in _RESERVED_KEYS):
         raise ValueError(f"{path}: not a detector file (needs keys {', '.join(_RESERVED_KEYS)})")
     model = get_detector_class(record["detector"])(**record["build_kwargs"])
