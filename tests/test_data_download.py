@@ -267,3 +267,31 @@ def test_source_entry_errors_name_the_key() -> None:
         SourceEntry.from_dict("x", {**base, "access": "ftp"})
     with pytest.raises(SourceConfigError, match=r"sources\.x: lists no files: to download and no path:"):
         fetch_source(SourceEntry.from_dict("x", base), "unused", show_progress=False)
+
+
+def test_errors_name_the_config_key_when_the_entry_comes_without_its_name(tmp_path: Path, capsys) -> None:
+    """The workflow passes ``sources.<name>`` without its key and fetches it into ``{data}/raw/<name>``."""
+    from pretrain_det3d.cli import main
+
+    entry = {"title": "LIDC-IDRI", "homepage": "https://doi.org/10.7937/K9/TCIA.2015.LO9QL9SX", "licence": "CC-BY-3.0",
+             "access": "tcia", "access_note": "Download it with the NBIA Data Retriever.", "expected": ["LIDC-IDRI/*"]}
+    with pytest.raises(SourceConfigError) as info:
+        fetch_source(entry, tmp_path / "raw" / "lidc", show_progress=False)
+    assert str(info.value).startswith("sources.lidc.path: LIDC-IDRI cannot be downloaded by the workflow")
+    assert "Then set sources.lidc.path to the folder" in str(info.value)
+    assert "sources.source" not in str(info.value)
+
+    missing = tmp_path / "no_copy_here"
+    with pytest.raises(SourceCopyError) as info:
+        fetch_source({**entry, "path": str(missing)}, tmp_path / "raw" / "lidc", show_progress=False)
+    assert str(info.value) == f"{missing}: the folder given as sources.lidc.path does not exist"
+
+    with pytest.raises(SourceCopyError, match=r"given as sources\.lidc_v2\.path"):  # an explicit name wins
+        fetch_source({**entry, "name": "x", "path": str(missing)}, tmp_path / "raw" / "y", show_progress=False,
+                     name="lidc_v2")
+
+    # the rule's own command line, as download_source runs it
+    assert main(["download", "--source-json", json.dumps({**entry, "path": str(missing)}),
+                 "--out", str(tmp_path / "raw" / "lidc")]) == 1
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line == f"pretrain_det3d download: error: {missing}: the folder given as sources.lidc.path does not exist"

@@ -30,6 +30,7 @@ import stat
 import tarfile
 import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping
 
@@ -326,6 +327,7 @@ def fetch_source(
     out_dir: str | os.PathLike,
     keep_archives: bool = False,
     show_progress: bool = True,
+    name: str | None = None,
     **download_options: Any,
 ) -> Path:
     """Obtain one dataset source into ``out_dir`` (or check the user's copy) and return the folder to convert.
@@ -335,12 +337,19 @@ def fetch_source(
     downloaded; the copy must exist and match ``expected:``. Either way ``out_dir/source.json`` is written last,
     recording the entry and ``root`` (the folder converters read); rerunning a finished source does nothing.
 
+    Messages name the entry as ``sources.<name>``: ``name``, else the entry's own ``name`` key, else the name of
+    ``out_dir`` (the workflow fetches ``sources.<name>`` into ``{data}/raw/<name>`` and passes the entry without
+    its key).
+
     Example:
         >>> fetch_source(config["sources"]["lidc"], "results/data/raw/lidc")  # doctest: +SKIP
         PosixPath('/data/TCIA/LIDC-IDRI')
     """
-    source = entry if isinstance(entry, SourceEntry) else SourceEntry.from_dict(str(entry.get("name", "source")), entry)
     out_dir = Path(out_dir)
+    if not isinstance(entry, SourceEntry):
+        # a config entry does not hold its own key: without this, messages read "sources.source.path"
+        entry = SourceEntry.from_dict(name or str(entry.get("name") or out_dir.resolve().name), entry)
+    source = entry if name is None else replace(entry, name=name)
     if is_fetched(out_dir):
         return resolve_source_root(out_dir)
     if source.path is not None:
