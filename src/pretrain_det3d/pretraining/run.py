@@ -23,9 +23,12 @@ def run_pretraining(
     A method may read other data instead (its ``load_corpus``): ``multitalent`` trains on the labelled,
     preprocessed datasets listed in ``settings["datasets"]`` and ignores ``corpus_root`` (may be ``None``).
 
-    ``out_path`` receives an nnssl-format checkpoint (pre-training patch size included); the run keeps
-    ``checkpoint_latest.pth`` beside it while training and resumes from it when rerun. ``log_path`` defaults
-    to ``log.csv`` beside ``out_path``. Settings: ``preset``, ``iterations``, ``batch_size``, ``patch_size``,
+    ``out_path`` receives an nnssl-format checkpoint (pre-training patch size included, and the run's fingerprint
+    under ``nnssl_adaptation_plan["pretrain_plan"]["run_fingerprint"]``); the run keeps ``checkpoint_latest.pth``
+    beside it while training and resumes from it when rerun, unless the settings, the method, the corpus's case
+    list, the seed or the versions changed since it was written: then the rerun raises ``StaleCheckpointError``
+    listing the changes (``PRETRAIN_DET3D_STALE_CHECKPOINT=move`` moves the old checkpoint aside and starts over).
+    ``log_path`` defaults to ``log.csv`` beside ``out_path``. Settings: ``preset``, ``iterations``, ``batch_size``, ``patch_size``,
     ``optimizer`` / ``lr`` / ``momentum`` / ``weight_decay`` (default nnssl's SGD, Nesterov 0.99, 1e-2, 3e-5),
     ``warmup_iterations``, ``checkpoint_every``, ``num_workers``, ``augmentation``, ``device``, ``threads``,
     and the method's own keys (``mae``: ``mask_ratio``, ``mask_block``; see each method's module).

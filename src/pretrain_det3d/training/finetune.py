@@ -88,7 +88,9 @@ def run_finetuning(
     augmentation, foreground_fraction, device, threads) and whatever the detector reads. With
     ``init_checkpoint`` the stem and encoder stages are copied from that pre-training checkpoint; everything
     is then trained from the first iteration (the warm-up protects the transferred weights). Reruns resume
-    from ``{out_dir}/checkpoint_latest.pth``. ``log_path`` defaults to ``{out_dir}/log.csv``.
+    from ``{out_dir}/checkpoint_latest.pth`` when it was written by this same run (fingerprint: settings, build
+    arguments, ``init_checkpoint``'s sha256, the fold's training cases, seed, versions), and otherwise raise
+    ``StaleCheckpointError`` (see ``training.trainer``). ``log_path`` defaults to ``{out_dir}/log.csv``.
     Returns the path of the final model.
     """
     from pretrain_det3d.models.checkpoint import load_pretrained_encoder
