@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
