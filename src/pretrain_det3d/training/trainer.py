@@ -250,8 +250,8 @@ def settings_as_dict(settings: Any) -> dict[str, Any]:
     """The fields of a settings object as a plain dict: a dataclass, a pydantic model or a mapping.
 
     Example:
-        >>> settings_as_dict(TrainingSettings(iterations=7))["iterations"]
-        7
+        >>> settings_as_dict(TrainingSettings(iterations=700))["iterations"]
+        700
     """
     if hasattr(settings, "model_dump"):  # pydantic v2 BaseModel
         return dict(settings.model_dump())
@@ -303,10 +303,10 @@ def run_fingerprint(
     (the batch stream depends on it); ``init_checkpoint_sha256``: ``None`` when training from scratch.
 
     Example:
-        >>> fp = run_fingerprint(TrainingSettings(iterations=50), model={"detector": "retina_unet"},
+        >>> fp = run_fingerprint(TrainingSettings(iterations=500), model={"detector": "retina_unet"},
         ...                      case_ids=["case_000"], seed=0)
         >>> fp["training"]["iterations"], "threads" in fp["training"], fp["cases"], fp["init_checkpoint_sha256"]
-        (50, False, ['case_000'], None)
+        (500, False, ['case_000'], None)
     """
     training = {k: v for k, v in settings_as_dict(settings).items() if k not in NON_RESULT_SETTINGS}
     return _plain({
