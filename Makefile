@@ -8,15 +8,32 @@ BIN := $(abspath $(VENV))/bin
 RUN := PATH="$(BIN):$$PATH"
 CORES ?= 2
 
-.PHONY: install demo test test-fast dag report clean-results
+.PHONY: install demo test test-fast dag report clean-results clean-data constraints
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Versions are pinned by constraints.txt (refresh it with `make constraints`); a change of either file reinstalls.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
+
+## Re-pin constraints.txt: a fresh venv installs pyproject.toml's dependencies without constraints (the newest
+## releases they allow), and its `pip freeze` becomes constraints.txt. Review the diff, then run `make install`.
+CONSTRAINTS_VENV ?= $(abspath build/constraints-venv)
+constraints:
+	rm -rf $(CONSTRAINTS_VENV)
+	$(PYTHON) -m venv $(CONSTRAINTS_VENV)
+	$(CONSTRAINTS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CONSTRAINTS_VENV)/bin/python -m pip install --quiet -e '.[test]'
+	{ echo "# Pinned versions of every package that \`make install\` installs (pip install -c constraints.txt -e '.[test]')."; \
+	  echo "# Generated with \`pip freeze --exclude-editable\` by \`make constraints\` (a fresh venv from pyproject.toml, installed"; \
+	  echo "# without constraints)."; \
+	  $(CONSTRAINTS_VENV)/bin/python -m pip freeze --exclude-editable | grep -viE '^pretrain[-_]det3d([ =@]|$$)'; \
+	} > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
+	rm -rf $(CONSTRAINTS_VENV)
 
 ## The built-in synthetic demo study (CPU, minutes): tables in results/tables, figures in results/figures,
 ## everything in the HTML report results/report.html.
@@ -42,9 +59,26 @@ demo-table: install
 test-fast: install
 	$(RUN) python -m pytest -q -m "not slow"
 
-## Re-draw the DAG picture of the README (needs graphviz's `dot`).
+## Re-draw the DAG picture of the README from the paper's study (needs graphviz's `dot`).
 dag: install
-	$(RUN) snakemake --rulegraph | dot -Tpng -Gdpi=110 > docs/rulegraph.png
+	$(RUN) snakemake --configfile config/paper.yaml --rulegraph > docs/rulegraph.dot.tmp
+	dot -Tpng -Gdpi=110 docs/rulegraph.dot.tmp > docs/rulegraph.png.tmp
+	mv docs/rulegraph.png.tmp docs/rulegraph.png
+	rm -f docs/rulegraph.dot.tmp
 
+# data_dir of the configs (config/config.yaml and config/paper.yaml both use results/data); override with
+# `make clean-results DATA_DIR=...` for a study whose data_dir differs.
+DATA_DIR ?= results/data
+
+## Delete every result (models, predictions, metrics, tables, figures, logs) but keep results/README.md and the
+## downloaded and converted data in $(DATA_DIR).
+RESULTS_ABS := $(abspath results)
+DATA_ABS := $(abspath $(DATA_DIR))
 clean-results:
-	find results -mindepth 1 -not -name README.md -delete
+	find '$(RESULTS_ABS)' -mindepth 1 -path '$(DATA_ABS)' -prune -o ! -type d ! -path '$(RESULTS_ABS)/README.md' -print0 \
+	  | xargs -0r rm -f
+	find '$(RESULTS_ABS)' -mindepth 1 -path '$(DATA_ABS)' -prune -o -type d -print0 | sort -rz | xargs -0r rmdir --ignore-fail-on-non-empty
+
+## Delete the downloaded, converted and preprocessed data ($(DATA_DIR)) as well; a later run downloads again.
+clean-data: clean-results
+	rm -rf $(DATA_DIR)
