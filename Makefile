@@ -45,8 +45,10 @@ demo: install
 report: install
 	$(RUN) snakemake --report results/report.html
 
-## The whole test suite, including an end-to-end run of the smoke study.
+## The whole test suite, including an end-to-end run of the smoke study. tests/system/ensure_test_system.sh first
+## installs Chromium and starts a one-node SLURM cluster when run as root (otherwise it says what is missing).
 test: install
+	bash tests/system/ensure_test_system.sh
 	$(RUN) python -m pytest -q
 
 ## Rewrite the README's demo table (between its demo-table markers) from the last demo's
@@ -55,8 +57,9 @@ test: install
 demo-table: install
 	$(RUN) python -m pretrain_det3d demo-table
 
-## Unit tests only (no workflow runs).
+## Unit tests only (no workflow runs; the browser checker's own tests need Chromium).
 test-fast: install
+	bash tests/system/ensure_test_system.sh chromium
 	$(RUN) python -m pytest -q -m "not slow"
 
 ## Re-draw the DAG picture of the README from the paper's study (needs graphviz's `dot`).

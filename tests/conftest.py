@@ -38,3 +38,23 @@ def run_snakemake(workdir: Path, *args: str, configfile: Path | None = SMOKE_CON
 @pytest.fixture
 def snakemake_runner():
     return run_snakemake
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """Working directory of the smoke study run to the end, once per test session, shared by every test module.
+
+    ``$PRETRAIN_DET3D_SMOKE_WORKDIR`` names a folder to use instead of a fresh one (Snakemake still brings it up
+    to date, a no-op for a finished run), to iterate on report tests without rerunning the study.
+    """
+    given = os.environ.get("PRETRAIN_DET3D_SMOKE_WORKDIR")
+    workdir = Path(given) if given else tmp_path_factory.mktemp("smoke")
+    run_snakemake(workdir, "--cores", "2")
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def smoke_report(smoke_run):
+    """The self-contained HTML report (``snakemake --report``) of the finished smoke study."""
+    run_snakemake(smoke_run, "--report", "results/report.html")
+    return smoke_run / "results" / "report.html"
