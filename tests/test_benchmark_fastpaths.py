@@ -155,8 +155,10 @@ def test_channels_last_trains_like_the_default_layout(data, tmp_path):
         loss_plain = plain.train_step(batch)
         for key in ("loss", "cls", "reg", "seg"):
             assert loss_fast[key] == pytest.approx(loss_plain[key], rel=1e-4, abs=1e-6)
+    # after 3 steps a weight near zero can differ by up to ~1.3e-4 between the two layouts' kernels (measured on
+    # this project's CI CPU type); a layout bug (a transposed weight) differs by the weights' own size (~1e-1)
     for p, q in zip(fast.model.parameters(), plain.model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=5e-4)
     # the saved model loads into a default-layout network with the same values
     fast.save_final()
     reloaded, _ = load_detector(tmp_path / "b" / "model_final.pth")

@@ -91,7 +91,7 @@ def test_run_prediction_writes_converted_voxel_boxes(tmp_path) -> None:
 def test_bad_settings_and_missing_cases_are_named(tmp_path) -> None:
     with pytest.raises(KeyError, match="patch_size"):
         run_prediction(tmp_path / "m.pth", tmp_path, ["a"], tmp_path / "out", {"overlap": 0.5})
-    with pytest.raises(KeyError, match="mirorr"):
+    with pytest.raises(ValueError, match=r"'inference.mirorr': unknown key; did you mean 'mirror'"):
         run_prediction(tmp_path / "m.pth", tmp_path, ["a"], tmp_path / "out", {"patch_size": [8, 8, 8], "mirorr": 1})
     torch.manual_seed(0)
     model = build_detector("retina_unet", {"preset": "resenc_demo", "fpn_channels": 8}, 1, 1, {"box_sizes": []})

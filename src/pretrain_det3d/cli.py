@@ -30,6 +30,30 @@ def _settings(text: str) -> dict[str, Any]:
     return value
 
 
+def check_detector_settings(detector: str, settings: dict[str, Any]) -> None:
+    """Refuse unknown keys and wrong types before any work, with the detector's settings class."""
+    from pretrain_det3d.settings.detectors import detector_settings_class
+
+    detector_settings_class(detector).parse(settings, where=f"detectors ({detector})")
+
+
+def check_method_settings(method: str, settings: dict[str, Any]) -> None:
+    """Refuse unknown keys and wrong types before any work, with the method's settings class.
+
+    The rule hands labelled datasets over resolved to ``{name, root, classes}``; they are checked under the
+    names the config uses.
+    """
+    from pretrain_det3d.settings.pretraining import method_settings_class
+
+    as_configured = dict(settings)
+    if isinstance(settings.get("datasets"), list):
+        as_configured["datasets"] = [
+            {"dataset": d.get("name"), **({"classes": d["classes"]} if d.get("classes") else {})}
+            if isinstance(d, dict) else d for d in settings["datasets"]
+        ]
+    method_settings_class(method).parse(as_configured, where=f"pretraining.methods ({method})")
+
+
 def _set_threads(threads: int | None) -> None:
     if threads:
         import torch
@@ -117,7 +141,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from pretrain_det3d.pretraining import run_pretraining
 
     _set_threads(args.threads)
-    run_pretraining(args.corpus, args.method, {"threads": args.threads, **args.settings}, args.out, args.seed)
+    settings = {"threads": args.threads, **args.settings}
+    check_method_settings(args.method, settings)
+    run_pretraining(args.corpus, args.method, settings, args.out, args.seed)
 
 
 def cmd_fetch_checkpoint(args: argparse.Namespace) -> None:
@@ -131,6 +157,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     _set_threads(args.threads)
     settings = {"threads": args.threads, **args.settings}
+    check_detector_settings(args.detector, settings)
     run_finetuning(args.preprocessed, args.fold, args.detector, settings, args.init, args.out_dir, args.seed)
 
 
@@ -211,6 +238,16 @@ def cmd_demo_table(args: argparse.Namespace) -> None:
     date = datetime.date.fromisoformat(args.date) if args.date else None
     block = write_demo_table(args.main_results, args.readme, args.metrics_root, args.config, date, args.print)
     print(block if args.print else f"{args.readme}: demo table rewritten from {args.main_results}")
+
+
+def cmd_config_docs(args: argparse.Namespace) -> None:
+    from pretrain_det3d.settings.docs import write_or_check
+
+    stale = write_or_check(args.root, check=args.check)
+    if args.check and stale:
+        raise SystemExit(f"out of date: {', '.join(map(str, stale))}; run `python -m pretrain_det3d config-docs`")
+    for path in stale:
+        print(f"wrote {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -347,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--settings", type=_settings, default={}, help="further BenchmarkSettings as JSON")
     p.add_argument("--out", type=Path, default=None, help="JSON record (written atomically)")
+    p = verb("config-docs", cmd_config_docs, "write the config's JSON schema and key reference (config/README.md)")
+    p.add_argument("--root", type=Path, default=Path("."), help="repository root")
+    p.add_argument("--check", action="store_true", help="only check that the generated files are up to date")
+
     p = verb("demo-table", cmd_demo_table, "rewrite the README's demo table from a finished run's main results")
     p.add_argument("--main-results", type=Path, default=Path("results/tables/main_results.csv"))
     p.add_argument("--readme", type=Path, default=Path("README.md"))

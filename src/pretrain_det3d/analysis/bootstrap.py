@@ -30,14 +30,16 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from pretrain_det3d.settings.study import StatisticsSettings
+
 #: A statistic over a list of case ids (ids may repeat in a bootstrap resample).
 CaseStatistic = Callable[[Sequence[str]], float]
 #: Number of bootstrap resamples (the common minimum for 95 % percentile intervals; raise it for publication).
-DEFAULT_N_RESAMPLES = 1000
+DEFAULT_N_RESAMPLES = StatisticsSettings.default("n_resamples")
 #: Coverage of the confidence intervals.
-DEFAULT_CONFIDENCE = 0.95
+DEFAULT_CONFIDENCE = StatisticsSettings.default("confidence")
 #: Seed of the resampling when the caller gives none.
-DEFAULT_SEED = 0
+DEFAULT_SEED = StatisticsSettings.default("seed")
 #: Show a progress bar when at least this many resamples are evaluated (AP recomputation can be slow).
 PROGRESS_MIN_RESAMPLES = 200
 

@@ -55,9 +55,10 @@ from pretrain_det3d.analysis.tables import (
     AnalysisInputError,
     metric_values,
 )
+from pretrain_det3d.settings.study import StatisticsSettings
 
 #: Family-wise error rate at which the Holm decisions are taken.
-DEFAULT_ALPHA = 0.05
+DEFAULT_ALPHA = StatisticsSettings.default("alpha")
 #: Differences with absolute value at most this are reported as "equal".
 DEFAULT_EQUAL_TOLERANCE = 0.0
 #: Columns of ``compare_with_baseline``'s table, in order.

@@ -30,9 +30,9 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from pretrain_det3d.analysis.bootstrap import DEFAULT_CONFIDENCE, DEFAULT_N_RESAMPLES, DEFAULT_SEED
+from pretrain_det3d.settings.base import ConfigError
+from pretrain_det3d.settings.study import StatisticsSettings as StatisticsSettingsBase
 from pretrain_det3d.analysis.case_level import CaseLevelData
-from pretrain_det3d.analysis.comparisons import DEFAULT_ALPHA
 from pretrain_det3d.analysis.tables import MAIN_METRIC, RUN_KEYS, AnalysisInputError
 from pretrain_det3d.utils.registry import Registry
 
@@ -42,16 +42,8 @@ TEST_CHOICES = ("auto", "wilcoxon", "bootstrap")
 CASE_LEVEL_CHOICES = ("none", "optional", "required")
 
 
-@dataclass(frozen=True)
-class StatisticsSettings:
+class StatisticsSettings(StatisticsSettingsBase):
     """Knobs of the statistics behind the figures and tables (see the module docstring)."""
-
-    n_resamples: int = DEFAULT_N_RESAMPLES
-    seed: int = DEFAULT_SEED
-    alpha: float = DEFAULT_ALPHA
-    confidence: float = DEFAULT_CONFIDENCE
-    test: str = "auto"
-    metric: str = MAIN_METRIC
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any] | None) -> "StatisticsSettings":
@@ -61,23 +53,10 @@ class StatisticsSettings:
             >>> StatisticsSettings.from_mapping({"n_resamples": 200}).n_resamples
             200
         """
-        settings = dict(settings or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise AnalysisInputError(f"settings: unknown key(s) {unknown}; known: {sorted(known)}")
-        result = cls(**settings)
-        if not isinstance(result.n_resamples, int) or result.n_resamples < 1:
-            raise AnalysisInputError(f"settings: n_resamples must be a positive integer, got {result.n_resamples!r}")
-        if not isinstance(result.seed, int):
-            raise AnalysisInputError(f"settings: seed must be an integer, got {result.seed!r}")
-        for key in ("alpha", "confidence"):
-            value = getattr(result, key)
-            if not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-                raise AnalysisInputError(f"settings: {key} must lie in (0, 1), got {value!r}")
-        if result.test not in TEST_CHOICES:
-            raise AnalysisInputError(f"settings: test must be one of {TEST_CHOICES}, got {result.test!r}")
-        return result
+        try:
+            return cls.parse(settings, where="statistics")
+        except ConfigError as error:
+            raise AnalysisInputError(f"settings: {error}") from None
 
 
 @dataclass(frozen=True)

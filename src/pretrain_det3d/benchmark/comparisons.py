@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from typing import Any, Sequence
 
@@ -211,7 +210,7 @@ def compare_train_steps(
 
     detector = build_monai_detector(trainer.model).to(device)
     detector.train()
-    optimizer = build_optimizer(detector.network.parameters(), dataclasses.asdict(trainer.settings))
+    optimizer = build_optimizer(detector.network.parameters(), trainer.settings.model_dump())
     scaler = torch.amp.GradScaler(device.type, enabled=trainer.scaler.is_enabled())
     targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in batch["targets"]]
     amp = trainer.amp_dtype

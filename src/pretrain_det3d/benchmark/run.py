@@ -40,7 +40,7 @@ DEFAULT_NUM_WORKERS = 2
 DEFAULT_NUM_CASES = 4
 DEFAULT_CASE_SHAPE = (64, 64, 64)
 #: training-settings keys a study config's detector entry holds that are not detector constructor settings
-TRAINING_KEYS = {f.name for f in dataclasses.fields(TrainingSettings)}
+TRAINING_KEYS = set(TrainingSettings.model_fields)
 MONAI_COMPARABLE = ("retina_unet",)  # the MONAI comparison reuses the Retina U-Net's features and anchors
 
 
@@ -166,7 +166,7 @@ def run_benchmark(
         config = {"detector": s.detector, "preset": s.preset, "patch_size": list(s.patch_size),
                   "batch_size": s.batch_size, "num_workers": s.num_workers, "device": str(device),
                   "warmup": s.warmup, "repeats": s.repeats, "detector_settings": dict(s.detector_settings),
-                  "training": {k: v for k, v in dataclasses.asdict(training).items()
+                  "training": {k: v for k, v in training.model_dump().items()
                                if k in ("amp_dtype", "mixed_precision", "cudnn_benchmark", "pin_memory",
                                         "persistent_workers", "memory_map", "compile", "channels_last",
                                         "augmentation")},

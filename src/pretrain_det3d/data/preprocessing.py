@@ -47,13 +47,16 @@ from pretrain_det3d.data.dataset_format import DatasetFormatError, check_convert
 from pretrain_det3d.data.io import geometry_of, load_npy, read_case, read_image
 from pretrain_det3d.data.splits import make_splits
 from pretrain_det3d.utils.atomic import atomic_directory, atomic_path, write_json
+from pretrain_det3d.settings.data import CorpusPreprocessingSettings, PreprocessingSettings
+
 
 # ---- named defaults (settings keys in brackets) ----------------------------------------------------------
-DEFAULT_NUM_WORKERS = 1  # [num_workers]
-DEFAULT_FOREGROUND_INTENSITY_SAMPLES = 10_000  # [foreground_intensity_samples] per case and channel, CT stats
-DEFAULT_FOREGROUND_LOCATIONS = 1_000  # [foreground_locations] per case, for foreground oversampling
-DEFAULT_CORPUS_MODALITY = "CT"  # [modality] of a pre-training corpus
-DEFAULT_CORPUS_SEED = 0  # [seed] of the corpus' intensity sampling
+# defaults from the one definition of the settings (pretrain_det3d.settings.data)
+DEFAULT_NUM_WORKERS = PreprocessingSettings.default("num_workers")
+DEFAULT_FOREGROUND_INTENSITY_SAMPLES = PreprocessingSettings.default("foreground_intensity_samples")
+DEFAULT_FOREGROUND_LOCATIONS = PreprocessingSettings.default("foreground_locations")
+DEFAULT_CORPUS_MODALITY = CorpusPreprocessingSettings.default("modality")
+DEFAULT_CORPUS_SEED = CorpusPreprocessingSettings.default("seed")
 CT_CLIP_PERCENTILES = (0.5, 99.5)
 BODY_THRESHOLD_HU = -500.0  # voxels above this are "body" when a CT dataset has no instances, and in corpora
 IMAGE_SPLINE_ORDER = 3

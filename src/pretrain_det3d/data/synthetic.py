@@ -34,12 +34,13 @@ from tqdm import tqdm
 
 from pretrain_det3d.data.io import write_case, write_dataset_json, write_nifti
 from pretrain_det3d.utils.atomic import atomic_directory
+from pretrain_det3d.settings.data import SyntheticLesionsSettings
 
 # ---- settings defaults (contract keys) -------------------------------------------------------------------
-DEFAULT_LESIONS_PER_CASE = (0, 4)
-DEFAULT_LESION_DIAMETER = (3, 20)  # voxels
-DEFAULT_NUM_CLASSES = 1
-DEFAULT_SPACING_JITTER = 0.0  # optional extra key: relative per-case spacing jitter, 0 keeps settings.spacing
+DEFAULT_LESIONS_PER_CASE = SyntheticLesionsSettings.default("lesions_per_case")
+DEFAULT_LESION_DIAMETER = SyntheticLesionsSettings.default("lesion_diameter")
+DEFAULT_NUM_CLASSES = SyntheticLesionsSettings.default("num_classes")
+DEFAULT_SPACING_JITTER = SyntheticLesionsSettings.default("spacing_jitter")
 
 # ---- seed streams ----------------------------------------------------------------------------------------
 LABELLED_STREAM = 0

@@ -27,26 +27,14 @@ from tqdm import tqdm
 
 from pretrain_det3d.data.io import load_npy
 from pretrain_det3d.data.preprocessing import map_boxes_to_original
-from pretrain_det3d.inference.sliding_window import (
-    DEFAULT_MAX_DETECTIONS,
-    DEFAULT_NMS_IOU,
-    DEFAULT_OVERLAP,
-    DEFAULT_SCORE_THRESHOLD,
-    predict_case,
-)
+from pretrain_det3d.inference.sliding_window import predict_case
 from pretrain_det3d.models.registry import load_detector
+from pretrain_det3d.settings.study import InferenceSettings
 from pretrain_det3d.utils.atomic import write_json
 
-#: Settings keys and their defaults (``patch_size`` has none: it must match training).
-DEFAULT_SETTINGS: dict[str, Any] = {
-    "overlap": DEFAULT_OVERLAP,
-    "mirror": False,
-    "max_detections": DEFAULT_MAX_DETECTIONS,
-    "nms_iou": DEFAULT_NMS_IOU,
-    "score_threshold": DEFAULT_SCORE_THRESHOLD,
-    "batch_size": 1,
-    "device": "cpu",
-}
+#: Settings keys and their defaults, from the one definition (``patch_size`` has none: it must match training).
+DEFAULT_SETTINGS: dict[str, Any] = {k: InferenceSettings.default(k) for k in InferenceSettings.keys()
+                                    if k != "patch_size"}
 MIRROR_AXES = (0, 1, 2)  # all spatial axes when ``mirror`` is on
 CASES_DIR = "cases"
 
@@ -73,12 +61,10 @@ def world_centres(boxes: np.ndarray, case_meta: Mapping[str, Any]) -> np.ndarray
 
 
 def _settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(settings) - set(DEFAULT_SETTINGS) - {"patch_size"})
-    if unknown:
-        raise KeyError(f"unknown prediction settings {unknown}; known: patch_size, {', '.join(DEFAULT_SETTINGS)}")
-    if "patch_size" not in settings:
+    options = InferenceSettings.parse(settings, where="inference")
+    if options.patch_size is None:
         raise KeyError("prediction settings need 'patch_size' [z, y, x]")
-    return {**DEFAULT_SETTINGS, **settings}
+    return options.model_dump()
 
 
 def run_prediction(

@@ -24,10 +24,14 @@ import torch
 from monai.data.box_utils import batched_nms, clip_boxes_to_image
 from torch import nn
 
-DEFAULT_OVERLAP = 0.5
-DEFAULT_MAX_DETECTIONS = 100
-DEFAULT_NMS_IOU = 0.5
-DEFAULT_SCORE_THRESHOLD = 0.0  # the detector already drops low scores per tile; keep the rest for AP/FROC
+from pretrain_det3d.settings.study import InferenceSettings
+
+# defaults from the one definition of the inference settings; the score threshold is 0 because the detector
+# already drops low scores per tile and AP/FROC need the rest
+DEFAULT_OVERLAP = InferenceSettings.default("overlap")
+DEFAULT_MAX_DETECTIONS = InferenceSettings.default("max_detections")
+DEFAULT_NMS_IOU = InferenceSettings.default("nms_iou")
+DEFAULT_SCORE_THRESHOLD = InferenceSettings.default("score_threshold")
 
 
 def tile_starts(size: int, patch: int, overlap: float = DEFAULT_OVERLAP) -> list[int]:

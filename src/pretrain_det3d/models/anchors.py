@@ -28,7 +28,9 @@ from typing import Sequence
 
 import numpy as np
 
-DEFAULT_ANCHORS_PER_LEVEL = 3
+from pretrain_det3d.settings.detectors import RetinaUNetSettings
+
+DEFAULT_ANCHORS_PER_LEVEL = RetinaUNetSettings.default("anchors_per_level")
 DEFAULT_MIN_SIDE_IN_STRIDES = 1.0
 #: Range of cube sides, in strides, used when a dataset has no training boxes at all.
 FALLBACK_STRIDE_MULTIPLES = (1.0, 4.0)

@@ -66,42 +66,39 @@ from pretrain_det3d.models.hungarian import (
     corners_to_centre_size,
 )
 from pretrain_det3d.models.registry import DETECTORS
+from pretrain_det3d.settings.detectors import DeformableDETRSettings, training_defaults
 
 # Architecture defaults (the paper's).
 DEFAULT_NUM_FEATURE_LEVELS = 4
-DEFAULT_EXTRA_LEVELS = 0
-DEFAULT_HIDDEN_DIM = 128
-DEFAULT_NUM_HEADS = 8
-DEFAULT_NUM_POINTS = 4
-DEFAULT_NUM_ENCODER_LAYERS = 3
-DEFAULT_NUM_DECODER_LAYERS = 6
-DEFAULT_FFN_DIM = 1024
-DEFAULT_DROPOUT = 0.1
-DEFAULT_NUM_QUERIES = 300
-DEFAULT_GROUP_NORM_GROUPS = 32
-DEFAULT_PROPOSAL_BASE_SIZE = 0.05  # normalised size of finest-level proposals; doubles per level
+DEFAULT_EXTRA_LEVELS = DeformableDETRSettings.default("extra_levels")
+DEFAULT_HIDDEN_DIM = DeformableDETRSettings.default("hidden_dim")
+DEFAULT_NUM_HEADS = DeformableDETRSettings.default("num_heads")
+DEFAULT_NUM_POINTS = DeformableDETRSettings.default("num_points")
+DEFAULT_NUM_ENCODER_LAYERS = DeformableDETRSettings.default("num_encoder_layers")
+DEFAULT_NUM_DECODER_LAYERS = DeformableDETRSettings.default("num_decoder_layers")
+DEFAULT_FFN_DIM = DeformableDETRSettings.default("ffn_dim")
+DEFAULT_DROPOUT = DeformableDETRSettings.default("dropout")
+DEFAULT_NUM_QUERIES = DeformableDETRSettings.default("num_queries")
+DEFAULT_GROUP_NORM_GROUPS = DeformableDETRSettings.default("group_norm_groups")
+# normalised size of finest-level proposals; doubles per level
+DEFAULT_PROPOSAL_BASE_SIZE = DeformableDETRSettings.default("proposal_base_size")
 POSITION_TEMPERATURE = 10000.0
 PRIOR_PROBABILITY = 0.01  # initial foreground probability of every query (focal-loss bias init)
 INVERSE_SIGMOID_EPS = 1e-5
 
 # Loss defaults.
-DEFAULT_FOCAL_ALPHA = 0.25
-DEFAULT_FOCAL_GAMMA = 2.0
-DEFAULT_CLS_WEIGHT = 2.0
-DEFAULT_L1_WEIGHT = 5.0
-DEFAULT_GIOU_WEIGHT = 2.0
+DEFAULT_FOCAL_ALPHA = DeformableDETRSettings.default("focal_alpha")
+DEFAULT_FOCAL_GAMMA = DeformableDETRSettings.default("focal_gamma")
+DEFAULT_CLS_WEIGHT = DeformableDETRSettings.default("cls_weight")
+DEFAULT_L1_WEIGHT = DeformableDETRSettings.default("l1_weight")
+DEFAULT_GIOU_WEIGHT = DeformableDETRSettings.default("giou_weight")
 
 # Inference defaults (per patch).
-DEFAULT_MAX_DETECTIONS = 100
-DEFAULT_SCORE_THRESHOLD = 0.0
+DEFAULT_MAX_DETECTIONS = DeformableDETRSettings.default("max_detections")
+DEFAULT_SCORE_THRESHOLD = DeformableDETRSettings.default("score_threshold")
 
 #: Fine-tuning schedule of the paper's DETR (keys of ``training.trainer.TrainingSettings``).
-TRAINING_DEFAULTS: dict[str, Any] = {
-    "optimizer": "adamw",
-    "lr": 3e-4,
-    "weight_decay": 1e-4,
-    "warmup_iterations": 10000,
-}
+TRAINING_DEFAULTS: dict[str, Any] = training_defaults("deformable_detr")
 
 
 def inverse_sigmoid(x: Tensor, eps: float = INVERSE_SIGMOID_EPS) -> Tensor:

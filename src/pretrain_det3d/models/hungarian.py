@@ -25,15 +25,17 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
+from pretrain_det3d.settings.detectors import DeformableDETRSettings
 from monai.data.box_utils import box_giou, convert_box_mode
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-DEFAULT_COST_CLASS = 2.0
-DEFAULT_COST_BBOX = 5.0
-DEFAULT_COST_GIOU = 2.0
-DEFAULT_FOCAL_ALPHA = 0.25
-DEFAULT_FOCAL_GAMMA = 2.0
+DEFAULT_COST_CLASS = DeformableDETRSettings.default("cost_class")
+DEFAULT_COST_BBOX = DeformableDETRSettings.default("cost_bbox")
+DEFAULT_COST_GIOU = DeformableDETRSettings.default("cost_giou")
+DEFAULT_FOCAL_ALPHA = DeformableDETRSettings.default("focal_alpha")
+DEFAULT_FOCAL_GAMMA = DeformableDETRSettings.default("focal_gamma")
 # Keeps log() finite for probabilities that round to 0 or 1.
 LOG_EPS = 1e-8
 

@@ -56,34 +56,36 @@ from torchvision.ops import sigmoid_focal_loss
 from pretrain_det3d.models.anchors import DEFAULT_ANCHORS_PER_LEVEL, plan_anchor_shapes
 from pretrain_det3d.models.backbone import build_resenc_encoder, get_preset
 from pretrain_det3d.models.registry import DETECTORS
+from pretrain_det3d.settings.detectors import RetinaUNetSettings
 
 # Architecture defaults.
-DEFAULT_FPN_CHANNELS = 128
+DEFAULT_FPN_CHANNELS = RetinaUNetSettings.default("fpn_channels")
 DEFAULT_HEAD_STRIDES = (4, 8, 16)  # the paper's (nnDetection's) head levels; filtered to the preset's strides
-DEFAULT_HEAD_CONVS = 2
+DEFAULT_HEAD_CONVS = RetinaUNetSettings.default("head_convs")
 DEFAULT_HEAD_GROUPS = 16  # GroupNorm groups in the heads (reduced to a divisor of the width)
 PRIOR_PROBABILITY = 0.01  # initial foreground probability of every anchor (RetinaNet's bias init)
 SEG_CLASSES = 2  # background, foreground
 
 # Matching, sampling and loss defaults.
-DEFAULT_ATSS_CANDIDATES = 4
-DEFAULT_ATSS_CENTER_IN_GT = False  # small lesions would otherwise lose every candidate
-DEFAULT_HNM_BATCH_SIZE_PER_IMAGE = 64
-DEFAULT_HNM_POSITIVE_FRACTION = 0.33
-DEFAULT_HNM_POOL_SIZE = 20
-DEFAULT_HNM_MIN_NEG = 1
-DEFAULT_FOCAL_ALPHA = 0.25
-DEFAULT_FOCAL_GAMMA = 2.0
-DEFAULT_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
-DEFAULT_CLS_WEIGHT = 1.0
-DEFAULT_REG_WEIGHT = 1.0
-DEFAULT_SEG_WEIGHT = 1.0
+DEFAULT_ATSS_CANDIDATES = RetinaUNetSettings.default("atss_candidates")
+# small lesions would otherwise lose every candidate
+DEFAULT_ATSS_CENTER_IN_GT = RetinaUNetSettings.default("atss_center_in_gt")
+DEFAULT_HNM_BATCH_SIZE_PER_IMAGE = RetinaUNetSettings.default("hnm_batch_size_per_image")
+DEFAULT_HNM_POSITIVE_FRACTION = RetinaUNetSettings.default("hnm_positive_fraction")
+DEFAULT_HNM_POOL_SIZE = RetinaUNetSettings.default("hnm_pool_size")
+DEFAULT_HNM_MIN_NEG = RetinaUNetSettings.default("hnm_min_neg")
+DEFAULT_FOCAL_ALPHA = RetinaUNetSettings.default("focal_alpha")
+DEFAULT_FOCAL_GAMMA = RetinaUNetSettings.default("focal_gamma")
+DEFAULT_BOX_WEIGHTS = RetinaUNetSettings.default("box_weights")
+DEFAULT_CLS_WEIGHT = RetinaUNetSettings.default("cls_weight")
+DEFAULT_REG_WEIGHT = RetinaUNetSettings.default("reg_weight")
+DEFAULT_SEG_WEIGHT = RetinaUNetSettings.default("seg_weight")
 
 # Inference defaults (per patch).
-DEFAULT_SCORE_THRESHOLD = 0.05
-DEFAULT_TOPK_PER_LEVEL = 1000
-DEFAULT_NMS_IOU = 0.5
-DEFAULT_MAX_DETECTIONS = 100
+DEFAULT_SCORE_THRESHOLD = RetinaUNetSettings.default("score_threshold")
+DEFAULT_TOPK_PER_LEVEL = RetinaUNetSettings.default("topk_per_level")
+DEFAULT_NMS_IOU = RetinaUNetSettings.default("nms_iou")
+DEFAULT_MAX_DETECTIONS = RetinaUNetSettings.default("max_detections")
 
 
 def resolve_head_strides(preset: str, head_strides: Sequence[int] | None) -> list[int]:

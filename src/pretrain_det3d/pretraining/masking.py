@@ -11,8 +11,10 @@ from typing import Sequence
 
 import torch
 
-MASK_RATIO = 0.75
-MASK_BLOCK = 16  # voxels per block edge, as in the paper
+from pretrain_det3d.settings.pretraining import MAESettings
+
+MASK_RATIO = MAESettings.default("mask_ratio")
+MASK_BLOCK = MAESettings.default("mask_block")  # voxels per block edge, as in the paper
 
 
 def block_grid(patch_size: Sequence[int], block_size: int) -> tuple[int, int, int]:

@@ -40,16 +40,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pretrain_det3d.pretraining.trainer import METHODS, PRETRAINING_DEFAULTS, PretrainingTrainer
+from pretrain_det3d.pretraining.trainer import METHODS, PretrainingTrainer
 from pretrain_det3d.training.dataloader import CaseRecord, load_case_records
+from pretrain_det3d.settings.pretraining import MultiTalentSettings
+from pretrain_det3d.settings.pretraining import training_defaults as method_training_defaults
 
 DATASETS_KEY = "datasets"
 CASE_SEPARATOR = "/"  # record case ids are "{dataset}/{case}": case ids of different datasets may coincide
 NO_CHANNEL = -1  # background, or a class the dataset annotates but the run does not learn
-FOREGROUND_FRACTION = 0.33  # nnU-Net's (and so MultiTalent's) foreground oversampling
+# nnU-Net's (and so MultiTalent's) foreground oversampling
+FOREGROUND_FRACTION = MultiTalentSettings.default("foreground_fraction")
 DICE_SMOOTH = 1e-5  # nnU-Net's soft Dice smoothing
-BCE_WEIGHT = 1.0
-DICE_WEIGHT = 1.0
+BCE_WEIGHT = MultiTalentSettings.default("bce_weight")
+DICE_WEIGHT = MultiTalentSettings.default("dice_weight")
 PLAN_FILE = "plan.json"
 
 # ---- synthetic organ datasets (demo) ---------------------------------------------------------------------
@@ -230,7 +233,7 @@ class MultiTalentTrainer(PretrainingTrainer):
 
     method = "multitalent"
     with_labels = True
-    training_defaults = {**PRETRAINING_DEFAULTS, "foreground_fraction": FOREGROUND_FRACTION, "augmentation": True}
+    training_defaults = method_training_defaults("multitalent")
 
     def __init__(self, settings: dict[str, Any], records: Sequence[CaseRecord], *args: Any, **kwargs: Any) -> None:
         self.datasets = parse_datasets(settings)

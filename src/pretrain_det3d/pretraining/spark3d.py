@@ -40,8 +40,10 @@ from torch import nn
 
 from pretrain_det3d.pretraining.masking import MASK_BLOCK, MASK_RATIO, block_grid, block_mask, masked_mse
 from pretrain_det3d.pretraining.trainer import METHODS, PretrainingTrainer
+from pretrain_det3d.settings.pretraining import Spark3DSettings
 
-MASK_TOKEN_STD = 0.02  # SparK's initialisation of the mask tokens (truncated normal at +-2 std)
+# SparK's initialisation of the mask tokens (truncated normal at +-2 std)
+MASK_TOKEN_STD = Spark3DSettings.default("mask_token_std")
 
 
 def cumulative_strides(strides: Sequence[Sequence[int] | int]) -> list[tuple[int, int, int]]:

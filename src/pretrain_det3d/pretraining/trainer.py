@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 import torch
 
+from pretrain_det3d.settings.pretraining import PretrainingSettings
 from pretrain_det3d.training.dataloader import CaseRecord, list_corpus_cases, load_case_records
 from pretrain_det3d.training.trainer import (
     NON_RESULT_SETTINGS,
@@ -42,15 +43,11 @@ METHODS: Registry[type["PretrainingTrainer"]] = Registry("pre-training method")
 
 # nnssl's defaults for its MAE (nnU-Net style): SGD, Nesterov momentum 0.99, lr 1e-2, weight decay 3e-5,
 # poly decay; no foreground oversampling (no labels) and no augmentation by default
+#: training-loop defaults of pre-training (those of ``settings.pretraining.PretrainingSettings`` that differ from
+#: fine-tuning's); each method's class may differ again (``training_defaults`` of the method)
 PRETRAINING_DEFAULTS: dict[str, Any] = {
-    "optimizer": "sgd",
-    "momentum": 0.99,
-    "lr": 1e-2,
-    "weight_decay": 3e-5,
-    "warmup_iterations": 0,
-    "augmentation": False,
-    "foreground_fraction": 0.0,
-    "patch_size": (64, 64, 64),
+    key: PretrainingSettings.default(key) for key in TrainingSettings.model_fields
+    if PretrainingSettings.default(key) != TrainingSettings.default(key)
 }
 DEFAULT_PRESET = "resenc_l"
 

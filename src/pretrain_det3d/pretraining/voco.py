@@ -33,13 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain_det3d.pretraining.trainer import METHODS, PretrainingTrainer
+from pretrain_det3d.settings.pretraining import VoCoSettings
 
-BASE_GRID = (2, 2, 2)  # base crops per axis (z, y, x)
-NUM_TARGET_CROPS = 4  # random target crops per region
-PROJECTION_HIDDEN = 512  # VoCo's own head is wider (2048); it is thrown away after pre-training
-PROJECTION_DIM = 256
-PREDICTION_WEIGHT = 1.0
-REGULARISATION_WEIGHT = 1.0
+BASE_GRID = VoCoSettings.default("base_grid")  # base crops per axis (z, y, x)
+NUM_TARGET_CROPS = VoCoSettings.default("num_target_crops")  # random target crops per region
+# VoCo's own head is wider (2048); it is thrown away after pre-training
+PROJECTION_HIDDEN = VoCoSettings.default("projection_hidden")
+PROJECTION_DIM = VoCoSettings.default("projection_dim")
+PREDICTION_WEIGHT = VoCoSettings.default("prediction_weight")
+REGULARISATION_WEIGHT = VoCoSettings.default("regularisation_weight")
 LOG_EPSILON = 1e-6  # keeps -log(1 - d) finite when a similarity is maximally wrong (d = 1)
 RNG_SALT_TARGETS = 1  # salt of batch_generator for the target crop positions
 

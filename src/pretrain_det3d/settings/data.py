@@ -8,9 +8,9 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from pretrain_det3d.settings.base import Settings
 
@@ -77,6 +77,18 @@ class PreprocessingSettings(Settings):
                                       "(for foreground oversampling).")
 
 
+def _synthetic_kind(value: Any) -> str:
+    """The ``kind`` of a synthetic section; without one it is a lesion dataset."""
+    return value.get("kind", "lesions") if isinstance(value, dict) else getattr(value, "kind", "lesions")
+
+
+#: the synthetic section of a dataset: its ``kind`` picks the class (an absent kind means ``lesions``)
+SyntheticSettings = Annotated[
+    Union[Annotated[SyntheticLesionsSettings, Tag("lesions")], Annotated[SyntheticOrgansSettings, Tag("organs")]],
+    Discriminator(_synthetic_kind),
+]
+
+
 class CorpusPreprocessingSettings(Settings):
     """Preprocessing of the unlabelled corpus (``data.preprocessing.preprocess_corpus``)."""
 
@@ -98,18 +110,9 @@ class DatasetEntry(Settings):
     converter: str | None = Field(None, description="Registered converter (datasets with a fetched source).")
     convert: dict[str, Any] = Field(default_factory=dict, description="Converter settings (each converter "
                                     "documents and checks its own; see docs/datasets.md).")
-    synthetic: SyntheticLesionsSettings | SyntheticOrgansSettings | None = Field(
-        None, discriminator="kind", description="Phantom settings of a synthetic dataset.")
+    synthetic: SyntheticSettings | None = Field(None, description="Phantom settings of a synthetic dataset.")
     preprocessing: PreprocessingSettings = Field(default_factory=PreprocessingSettings,
                                                  description="Preprocessing settings.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_kind(cls, data: Any) -> Any:
-        # the discriminator needs the kind; a synthetic entry without one is a lesion dataset
-        if isinstance(data, dict) and isinstance(data.get("synthetic"), dict) and "kind" not in data["synthetic"]:
-            data = {**data, "synthetic": {"kind": "lesions", **data["synthetic"]}}
-        return data
 
     @model_validator(mode="after")
     def _source_matches(self) -> "DatasetEntry":

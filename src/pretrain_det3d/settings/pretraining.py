@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from pretrain_det3d.settings.base import ConfigError
-from pretrain_det3d.settings.training import AugmentationSettings, Triple, TrainingSettings, as_triple
+from pretrain_det3d.settings.training import AugmentationSettings, Triple, TrainingSettings
 
 
 class PretrainingSettings(TrainingSettings):
@@ -58,8 +58,6 @@ class VoCoSettings(PretrainingSettings):
     projection_dim: int = Field(256, gt=0, description="Output width of the projector.")
     prediction_weight: float = Field(1.0, ge=0, description="Weight of the overlap-prediction loss.")
     regularisation_weight: float = Field(1.0, ge=0, description="Weight of the base-crop regulariser.")
-
-    _grid_triple = field_validator("base_grid", mode="before")(as_triple)
 
 
 class LabelledDatasetEntry(BaseModel):

@@ -12,9 +12,9 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, WithJsonSchema, model_validator
 
 from pretrain_det3d.settings.base import ConfigError, Settings
 
@@ -22,14 +22,21 @@ GRAD_CLIP_NORM = 12.0
 AMP_DTYPE_CHOICES = ("auto", "bfloat16", "float16")
 CHANNELS_LAST_CHOICES = ("auto", True, False)
 
-Triple = tuple[int, int, int]
-
-
 def as_triple(value: Any) -> Any:
     """``n`` -> ``[n, n, n]``; lists and tuples pass through for the type check."""
     if isinstance(value, (int, str)) and not isinstance(value, bool):
         return [value] * 3
     return value
+
+
+#: three positive integers [z, y, x]; one number means the same on every axis
+Triple = Annotated[
+    tuple[int, int, int],
+    BeforeValidator(as_triple),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1},
+                              {"type": "array", "items": {"type": "integer", "minimum": 1},
+                               "minItems": 3, "maxItems": 3}]}),
+]
 
 
 class AugmentationSettings(Settings):
@@ -108,8 +115,8 @@ class TrainingSettings(Settings):
         "auto", description="3D conv weights in channels-last layout; 'auto': on CPU only (docs/benchmark.md).")
     keep_latest_checkpoint: bool = Field(False, description="Keep checkpoint_latest.pth after the final model.")
     progress_bar: bool = Field(True, description="Show progress (a bar on a terminal, periodic lines in logs).")
-
-    _patch_triple = field_validator("patch_size", mode="before")(as_triple)
+    log_every: int | None = Field(None, gt=0, description="Progress line every this many iterations when the "
+                                  "output is not a terminal; null: about 100 lines per run, at least one per 500.")
 
     @model_validator(mode="after")
     def _warmup_below_iterations(self) -> "TrainingSettings":
