@@ -16,13 +16,8 @@ pytestmark = pytest.mark.slow
 MAIN_METRIC = "AP_IoU_0.10_MaxDet_100"
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    from conftest import run_snakemake
-
-    workdir = tmp_path_factory.mktemp("smoke")
-    run_snakemake(workdir, "--cores", "2")
-    return workdir
+# `smoke_run` and `smoke_report` (conftest.py): one run of the smoke study per test session, shared with the
+# browser test of the report
 
 
 def test_every_final_output_exists(smoke_run):
@@ -35,11 +30,8 @@ def test_every_final_output_exists(smoke_run):
         assert (smoke_run / "results" / path).stat().st_size > 0, path
 
 
-def test_html_report(smoke_run):
-    from conftest import run_snakemake
-
-    run_snakemake(smoke_run, "--report", "results/report.html")
-    html = (smoke_run / "results/report.html").read_text(errors="replace")
+def test_html_report(smoke_report):
+    html = smoke_report.read_text(errors="replace")
     for name in ("change_vs_scratch", "froc", "main_results_ranked"):
         assert name in html
 
