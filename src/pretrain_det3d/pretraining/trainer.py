@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pretrain_det3d.settings.pretraining import PretrainingSettings
+from pretrain_det3d.settings.training import changed_loop_defaults
 from pretrain_det3d.training.dataloader import CaseRecord, list_corpus_cases, load_case_records
 from pretrain_det3d.training.trainer import (
     NON_RESULT_SETTINGS,
@@ -45,10 +46,7 @@ METHODS: Registry[type["PretrainingTrainer"]] = Registry("pre-training method")
 # poly decay; no foreground oversampling (no labels) and no augmentation by default
 #: training-loop defaults of pre-training (those of ``settings.pretraining.PretrainingSettings`` that differ from
 #: fine-tuning's); each method's class may differ again (``training_defaults`` of the method)
-PRETRAINING_DEFAULTS: dict[str, Any] = {
-    key: PretrainingSettings.default(key) for key in TrainingSettings.model_fields
-    if PretrainingSettings.default(key) != TrainingSettings.default(key)
-}
+PRETRAINING_DEFAULTS: dict[str, Any] = changed_loop_defaults(PretrainingSettings)
 DEFAULT_PRESET = "resenc_l"
 
 

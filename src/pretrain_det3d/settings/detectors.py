@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pretrain_det3d.settings.base import ConfigError, Settings
-from pretrain_det3d.settings.training import TrainingSettings
+from pretrain_det3d.settings.base import Settings
+from pretrain_det3d.settings.training import TrainingSettings, changed_loop_defaults, registered
 
 Vector6 = tuple[float, float, float, float, float, float]
 
@@ -111,15 +111,9 @@ DETECTOR_SETTINGS: dict[str, type[DetectorSettings]] = {
 
 def detector_settings_class(name: str, where: str = "detectors") -> type[DetectorSettings]:
     """The settings class of registered detector ``name``; unknown names are a :class:`ConfigError`."""
-    try:
-        return DETECTOR_SETTINGS[name]
-    except KeyError:
-        raise ConfigError(f"config key {where!r}: no registered detector {name!r}; registered: "
-                          f"{', '.join(sorted(DETECTOR_SETTINGS))}") from None
+    return registered(DETECTOR_SETTINGS, name, where, "detector")
 
 
 def training_defaults(name: str) -> dict[str, Any]:
     """Training-loop defaults of detector ``name`` that differ from ``TrainingSettings``'s."""
-    cls = DETECTOR_SETTINGS[name]
-    return {k: cls.default(k) for k in TrainingSettings.model_fields
-            if cls.default(k) != TrainingSettings.default(k)}
+    return changed_loop_defaults(DETECTOR_SETTINGS[name])

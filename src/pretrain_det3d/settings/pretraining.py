@@ -15,8 +15,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pretrain_det3d.settings.base import ConfigError
-from pretrain_det3d.settings.training import AugmentationSettings, Triple, TrainingSettings
+from pretrain_det3d.settings.training import (
+    AugmentationSettings,
+    TrainingSettings,
+    Triple,
+    changed_loop_defaults,
+    registered,
+)
 
 
 class PretrainingSettings(TrainingSettings):
@@ -91,15 +96,9 @@ METHOD_SETTINGS: dict[str, type[PretrainingSettings]] = {
 
 def method_settings_class(name: str, where: str = "pretraining.methods") -> type[PretrainingSettings]:
     """The settings class of registered method ``name``; unknown names are a :class:`ConfigError`."""
-    try:
-        return METHOD_SETTINGS[name]
-    except KeyError:
-        raise ConfigError(f"config key {where!r}: no registered pre-training method {name!r}; registered: "
-                          f"{', '.join(sorted(METHOD_SETTINGS))}") from None
+    return registered(METHOD_SETTINGS, name, where, "pre-training method")
 
 
 def training_defaults(name: str) -> dict[str, Any]:
-    """Training-loop defaults of method ``name`` (every training key, so the method's defaults win)."""
-    cls = METHOD_SETTINGS[name]
-    return {k: cls.default(k) for k in TrainingSettings.model_fields
-            if cls.default(k) != TrainingSettings.default(k)}
+    """Training-loop defaults of method ``name`` that differ from ``TrainingSettings``'s."""
+    return changed_loop_defaults(METHOD_SETTINGS[name])

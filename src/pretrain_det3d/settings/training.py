@@ -146,3 +146,18 @@ class TrainingSettings(Settings):
         if self.augmentation is False:
             return None
         return self.augmentation
+
+
+def changed_loop_defaults(cls: type[TrainingSettings]) -> dict[str, Any]:
+    """The training-loop defaults of ``cls`` that differ from ``TrainingSettings``'s (a detector's or method's
+    own recipe, handed to ``TrainingSettings.from_settings``)."""
+    return {k: cls.default(k) for k in TrainingSettings.model_fields if cls.default(k) != TrainingSettings.default(k)}
+
+
+def registered(registry: Mapping[str, type[Settings]], name: str, where: str, what: str) -> type[Settings]:
+    """``registry[name]``; an unknown name is a :class:`ConfigError` naming ``where`` and the registered ones."""
+    try:
+        return registry[name]
+    except KeyError:
+        raise ConfigError(f"config key {where!r}: no registered {what} {name!r}; registered: "
+                          f"{', '.join(sorted(registry))}") from None
