@@ -137,9 +137,10 @@ def test_missing_imaging_asks_for_get_imaging(kits_source: Path, tmp_path: Path)
 
 
 def test_unknown_label_value_and_settings_are_refused(kits_source: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConversionError, match="unknown settings"):
+    with pytest.raises(ConversionError, match=r"'convert \(kits21\)\.include_cyst': unknown key; did you mean "
+                                              r"'include_cysts'"):
         KiTS21Converter({"include_cyst": True})
-    with pytest.raises(ConversionError, match="'segmentation' must be one of"):
+    with pytest.raises(ConversionError, match=r"'convert \(kits21\)\.segmentation': Input should be "):
         KiTS21Converter({"segmentation": "aggregated_seg.nii.gz"})
     seg = _majority_map()
     seg[0, 0, 0] = 7

@@ -138,7 +138,7 @@ def test_other_task_or_labels_are_refused(msd_source: Path, tmp_path: Path) -> N
     write_image(msd_source / "labelsTr" / "pancreas_001.nii.gz", _image(seg))
     with pytest.raises(ConversionError, match=r"pancreas_001\.nii\.gz: unknown label values \[3\]"):
         MSDPancreasConverter().convert(msd_source, tmp_path / "b", show_progress=False)
-    with pytest.raises(ConversionError, match="unknown settings"):
+    with pytest.raises(ConversionError, match=r"'convert \(msd_pancreas\)\.min_size': unknown key"):
         MSDPancreasConverter({"min_size": 3})
 
 

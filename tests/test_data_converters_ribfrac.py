@@ -146,7 +146,7 @@ def test_label_grid_must_match_image(ribfrac_source: Path, tmp_path: Path) -> No
 def test_unknown_code_and_bad_settings_are_refused(ribfrac_source: Path, tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="'uncertain' must be 'drop'"):
         RibFracConverter({"classes": "types", "uncertain": "fracture"})
-    with pytest.raises(ConversionError, match="unknown settings"):
+    with pytest.raises(ConversionError, match=r"'convert \(ribfrac\)\.class': unknown key; did you mean 'classes'"):
         RibFracConverter({"class": "types"})
     (ribfrac_source / "ribfrac-train-info-2.csv").write_text("public_id,label_id,label_code\nRibFrac2,1,7\n")
     with pytest.raises(ConversionError, match=r"ribfrac-train-info-2\.csv: line 2: unknown label_code 7"):

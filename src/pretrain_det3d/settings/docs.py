@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from pretrain_det3d.settings.converters import CONVERTER_SETTINGS
 from pretrain_det3d.settings.data import (
     CorpusEntry,
     CorpusPreprocessingSettings,
@@ -147,6 +148,13 @@ def config_reference() -> str:
         "### `datasets.<name>.preprocessing`",
         _table(PreprocessingSettings),
         "",
+        "### `datasets.<name>.convert`",
+        "Options of the dataset's `converter` (datasets with a fetched source; details in docs/datasets.md).",
+        "",
+    ]
+    for name, cls in CONVERTER_SETTINGS.items():
+        parts += [f"#### converter `{name}`", (cls.__doc__ or "").strip(), "", _table(cls), ""]
+    parts += [
         "## `pretraining.corpus`",
         _table(CorpusEntry),
         "",

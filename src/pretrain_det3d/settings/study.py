@@ -24,6 +24,7 @@ from typing import Any, Literal, Mapping
 from pydantic import Field
 
 from pretrain_det3d.settings.base import ConfigError, Settings, suggestion
+from pretrain_det3d.settings.converters import converter_settings_class
 from pretrain_det3d.settings.data import CorpusEntry, DatasetEntry
 from pretrain_det3d.settings.detectors import DETECTOR_SETTINGS, detector_settings_class
 from pretrain_det3d.settings.pretraining import METHOD_SETTINGS, method_settings_class
@@ -152,6 +153,12 @@ def validate_study_config(config: dict[str, Any]) -> None:
     validated["pretraining"]["methods"] = _validated_entries(
         config["pretraining"].get("methods") or {}, "pretraining.methods", METHOD_SETTINGS, "method",
         method_settings_class)
+    for name, entry in (config.get("datasets") or {}).items():
+        if entry.get("converter") is not None:
+            where = f"datasets.{name}.convert"
+            cls = converter_settings_class(entry["converter"], f"datasets.{name}.converter")
+            validated["datasets"][name]["convert"] = cls.parse(entry.get("convert"), where=where).model_dump(
+                mode="json", exclude_unset=True)
     if config.get("sources"):
         from pretrain_det3d.data.sources import SourceConfigError, SourceEntry
 

@@ -75,15 +75,17 @@ class DatasetConverter(ABC):
     source: str = ""
 
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
-        self.settings = dict(settings or {})
+        from pretrain_det3d.settings.base import ConfigError
+        from pretrain_det3d.settings.converters import CONVERTER_SETTINGS
 
-    def require_known_settings(self, known: set[str]) -> None:
-        """Refuse settings keys this converter does not read, naming them and the known ones."""
-        unknown = set(self.settings) - known
-        if unknown:
-            raise ConversionError(
-                f"{self.dataset_name} converter: unknown settings {sorted(unknown)}; known: {sorted(known)}"
-            )
+        settings_class = CONVERTER_SETTINGS.get(self.dataset_name)
+        if settings_class is not None:  # the one definition of the options: unknown keys and wrong types fail
+            try:
+                settings = settings_class.parse(settings, where=f"convert ({self.dataset_name})") \
+                    .model_dump(exclude_unset=True)
+            except ConfigError as error:
+                raise ConversionError(str(error)) from None
+        self.settings = dict(settings or {})
 
     @abstractmethod
     def list_cases(self, source_dir: Path) -> list[str]:

@@ -26,9 +26,9 @@ from scipy import ndimage
 
 from pretrain_det3d.data.converters.base import CONVERTERS, ConvertedCase, ConversionError, DatasetConverter, case_from_sitk
 from pretrain_det3d.data.converters.label_maps import read_nifti
+from pretrain_det3d.settings.converters import CTAAConvertSettings
 
-DEFAULTS = {"images_dir": "images", "labels_dir": "labels", "image_suffix": ".nii.gz", "label_suffix": ".nii.gz",
-            "instances": "components"}
+DEFAULTS = {key: CTAAConvertSettings.default(key) for key in CTAAConvertSettings.keys()}
 INSTANCE_RULES = ("components", "values")
 GEOMETRY_TOLERANCE = 1e-4  # relative, for spacing / origin / direction agreement of image and mask
 

@@ -35,13 +35,14 @@ import pandas as pd
 
 from pretrain_det3d.data.converters.base import CONVERTERS, ConvertedCase, ConversionError, DatasetConverter, case_from_sitk
 from pretrain_det3d.data.converters.dicom import TAG_SOP_INSTANCE_UID, find_dicom_series, read_dicom_series, read_header
+from pretrain_det3d.settings.converters import DukeBreastConvertSettings
 
 BOXES_STEM = "Annotation_Boxes"
 MAPPING_STEM = "Breast-Cancer-MRI-filepath_filename-mapping"
 BOX_COLUMNS = ("Patient ID", "Start Row", "End Row", "Start Column", "End Column", "Start Slice", "End Slice")
 MAPPING_COLUMNS = ("original_path_and_filename", "sop_instance_UID")
-DEFAULT_SEQUENCES = ("post_1",)
-DEFAULT_INDEX_BASE = 1
+DEFAULT_SEQUENCES = DukeBreastConvertSettings.default("sequences")
+DEFAULT_INDEX_BASE = DukeBreastConvertSettings.default("index_base")
 
 
 def read_table(source_dir: Path, stem: str, columns: tuple[str, ...]) -> pd.DataFrame:

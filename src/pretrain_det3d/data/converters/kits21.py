@@ -45,16 +45,17 @@ from pretrain_det3d.data.converters.label_maps import (
     read_nifti,
     structure_for,
 )
+from pretrain_det3d.settings.converters import KiTS21ConvertSettings
 
 CASE_NAME = re.compile(r"^case_\d{5}$")
 IMAGE_FILE = "imaging.nii.gz"
 #: the publisher's name of a case's CT volume on its download server (get_imaging.py)
 DOWNLOADED_IMAGE_NAME = "master_{number}.nii.gz"
-DEFAULT_SEGMENTATION_FILE = "aggregated_MAJ_seg.nii.gz"
+DEFAULT_SEGMENTATION_FILE = KiTS21ConvertSettings.default("segmentation")
 SEGMENTATION_FILES = ("aggregated_MAJ_seg.nii.gz", "aggregated_AND_seg.nii.gz", "aggregated_OR_seg.nii.gz")
 #: KiTS21 label values (kits21/configuration/labels.py)
 KIDNEY_LABEL, TUMOUR_LABEL, CYST_LABEL = 1, 2, 3
-DEFAULT_MIN_EXTENT_MM = 3.0
+DEFAULT_MIN_EXTENT_MM = KiTS21ConvertSettings.default("min_extent_mm")
 #: candidate data folders relative to the source root, first match wins
 DATA_DIR_CANDIDATES = (".", "data", "kits21/data", "*/kits21/data", "*/*/kits21/data")
 
@@ -72,8 +73,6 @@ class KiTS21Converter(DatasetConverter):
 
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
         super().__init__(settings)
-        known = {"segmentation", "include_cysts", "min_extent_mm", "connectivity"}
-        self.require_known_settings(known)
         self.segmentation_file = self.settings.get("segmentation", DEFAULT_SEGMENTATION_FILE)
         if self.segmentation_file not in SEGMENTATION_FILES:
             raise ConversionError(f"kits21 converter: setting 'segmentation' must be one of {SEGMENTATION_FILES}, "

@@ -45,9 +45,10 @@ from pretrain_det3d.data.converters.dicom import (
     TAG_IMAGE_POSITION, TAG_MODALITY, TAG_PATIENT_ID, TAG_SOP_INSTANCE_UID, find_dicom_series, read_dicom_series,
     read_header,
 )
+from pretrain_det3d.settings.converters import LIDCConvertSettings
 
-DEFAULT_MIN_READERS = 2
-DEFAULT_VOXEL_AGREEMENT = 0.5
+DEFAULT_MIN_READERS = LIDCConvertSettings.default("min_readers")
+DEFAULT_VOXEL_AGREEMENT = LIDCConvertSettings.default("voxel_agreement")
 Z_POSITION_TOLERANCE_MM = 0.05  # matching imageZposition to ImagePositionPatient z when the SOP uid is unknown
 
 

@@ -29,11 +29,12 @@ import SimpleITK as sitk
 from pretrain_det3d.data.converters.base import CONVERTERS, ConvertedCase, ConversionError, DatasetConverter, case_from_sitk
 from pretrain_det3d.data.errors import DatasetFormatError
 from pretrain_det3d.data.io import read_image
+from pretrain_det3d.settings.converters import LUNA16ConvertSettings
 
 ANNOTATIONS_FILE = "annotations.csv"
 ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 #: where the scans lie relative to the source root (the subsets' zips hold a folder named like the zip)
-DEFAULT_IMAGE_GLOBS = ("subset*/*.mhd", "subset*/subset*/*.mhd")
+DEFAULT_IMAGE_GLOBS = LUNA16ConvertSettings.default("image_globs")
 
 
 def read_luna16_annotations(path: str | Path) -> pd.DataFrame:

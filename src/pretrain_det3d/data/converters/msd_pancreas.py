@@ -39,11 +39,12 @@ from pretrain_det3d.data.converters.label_maps import (
     read_nifti,
     structure_for,
 )
+from pretrain_det3d.settings.converters import MSDPancreasConvertSettings
 
 TASK_FOLDER = "Task07_Pancreas"
 MSD_DATASET_JSON = "dataset.json"
 PANCREAS_LABEL, TUMOUR_LABEL = 1, 2
-DEFAULT_MIN_EXTENT_MM = 3.0
+DEFAULT_MIN_EXTENT_MM = MSDPancreasConvertSettings.default("min_extent_mm")
 NIFTI_SUFFIX = ".nii.gz"
 
 
@@ -59,8 +60,6 @@ class MSDPancreasConverter(DatasetConverter):
 
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
         super().__init__(settings)
-        known = {"min_extent_mm", "connectivity"}
-        self.require_known_settings(known)
         self.min_extent_mm = float(self.settings.get("min_extent_mm", DEFAULT_MIN_EXTENT_MM))
         self.connectivity = int(self.settings.get("connectivity", DEFAULT_CONNECTIVITY))
         structure_for(self.connectivity)  # validates

@@ -54,16 +54,18 @@ from scipy import ndimage
 from pretrain_det3d.data.converters.base import CONVERTERS, ConvertedCase, ConversionError, DatasetConverter
 from pretrain_det3d.data.converters.label_maps import relabel
 from pretrain_det3d.data.io import load_npy
+from pretrain_det3d.settings.converters import PN9ConvertSettings
 
 #: PN9's nine nodule classes (the ``nodule_class`` values), class-index order for ``classes: types``
 PN9_CLASSES = ("0-3SN", "3-10SN", "10-30SN", ">30SN", "0-5GGN", ">5GGN", "0-5PSN", ">5PSN", "CN")
 SINGLE_CLASS_NAME = "nodule"
 CLASS_MODES = ("nodule", "types")
 ANNOTATION_COLUMNS = ("pid", "nodule_class", "xmin", "xmax", "ymin", "ymax", "zmin", "zmax")
-DEFAULT_ANNOTATION_FILES = ("train_anno.csv", "test_anno.csv")
+DEFAULT_ANNOTATION_FILES = PN9ConvertSettings.default("annotation_files")
 SPLIT_FILES = ("train.txt", "val.txt", "test.txt")
-DEFAULT_IMAGE_SUFFIX = "_zoom.npy"
-DEFAULT_SPACING_MM = 1.0  # the publisher resampled every scan to 1 mm isotropic
+DEFAULT_IMAGE_SUFFIX = PN9ConvertSettings.default("image_suffix")
+# the publisher resampled every scan to 1 mm isotropic
+DEFAULT_SPACING_MM = PN9ConvertSettings.default("spacing_mm")
 #: box columns in array-axis order (z, y, x), each (min, max) inclusive
 BOX_COLUMNS = (("zmin", "zmax"), ("ymin", "ymax"), ("xmin", "xmax"))
 
@@ -149,8 +151,6 @@ class PN9Converter(DatasetConverter):
 
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
         super().__init__(settings)
-        known = {"classes", "annotation_files", "image_suffix", "spacing_mm", "exclude"}
-        self.require_known_settings(known)
         self.class_mode = self.settings.get("classes", "nodule")
         if self.class_mode not in CLASS_MODES:
             raise ConversionError(f"pn9 converter: setting 'classes' must be one of {CLASS_MODES}, got {self.class_mode!r}")

@@ -47,6 +47,7 @@ import pandas as pd
 
 from pretrain_det3d.data.converters.base import CONVERTERS, ConvertedCase, ConversionError, DatasetConverter, case_from_sitk
 from pretrain_det3d.data.converters.label_maps import check_same_grid, integer_labels, read_nifti, relabel
+from pretrain_det3d.settings.converters import RibFracConvertSettings
 
 IMAGE_NAME = re.compile(r"^(?P<case>RibFrac\d+)-image\.nii(\.gz)?$")
 LABEL_NAME = re.compile(r"^(?P<case>RibFrac\d+)-label\.nii(\.gz)?$")
@@ -59,7 +60,7 @@ TYPE_CODES = {1: "displaced", 2: "nondisplaced", 3: "buckle", 4: "segmental"}
 SINGLE_CLASS_NAME = "fracture"
 CLASS_MODES = ("fracture", "types")
 UNCERTAIN_POLICIES = ("fracture", "drop")
-DEFAULT_CLASS_MODE = "fracture"
+DEFAULT_CLASS_MODE = RibFracConvertSettings.default("classes")
 
 
 def _visible_files(root: Path, pattern: str) -> list[Path]:
@@ -118,7 +119,6 @@ class RibFracConverter(DatasetConverter):
 
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
         super().__init__(settings)
-        self.require_known_settings({"classes", "uncertain"})
         self.class_mode = self.settings.get("classes", DEFAULT_CLASS_MODE)
         if self.class_mode not in CLASS_MODES:
             raise ConversionError(f"ribfrac converter: setting 'classes' must be one of {CLASS_MODES}, "

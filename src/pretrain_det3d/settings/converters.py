@@ -1,0 +1,115 @@
+"""Settings of the dataset converters: the ``convert:`` section of a dataset with a fetched source.
+
+Each class documents the options of one converter (``data.converters.<name>``); the converter reads its
+defaults from here, and both the dry run and the converter refuse unknown keys with them.
+
+Example:
+    >>> KiTS21ConvertSettings.parse({"min_extent_mm": "2"}, where="datasets.kits21.convert").min_extent_mm
+    2.0
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field, WithJsonSchema
+
+from pretrain_det3d.settings.base import Settings
+from pretrain_det3d.settings.training import registered
+
+def _connectivity(value: int) -> int:
+    if value not in (6, 18, 26):
+        raise ValueError(f"must be 6, 18 or 26, got {value}")
+    return value
+
+
+#: 6-, 18- or 26-connectivity of connected components (an integer, so command-line strings convert)
+Connectivity = Annotated[int, AfterValidator(_connectivity), WithJsonSchema({"enum": [6, 18, 26]})]
+
+
+class LUNA16ConvertSettings(Settings):
+    """LUNA16: MetaImage scans of the ten subsets plus annotations.csv."""
+
+    image_globs: tuple[str, ...] = Field(("subset*/*.mhd", "subset*/subset*/*.mhd"),
+                                         description="Where the scans lie below the source folder.")
+
+
+class LIDCConvertSettings(Settings):
+    """LIDC-IDRI: DICOM series plus the readers' XML; nodules by reader consensus."""
+
+    min_readers: int = Field(2, ge=1, le=4, description="Readers that must have marked a nodule.")
+    voxel_agreement: float = Field(0.5, gt=0, le=1, description="Share of the grouped readers' masks a voxel "
+                                   "must lie in.")
+
+
+class PN9ConvertSettings(Settings):
+    """PN9: the publisher's 1 mm volumes (.npy) plus box annotations."""
+
+    classes: Literal["nodule", "types"] = Field("nodule", description="One class, or the nine nodule types.")
+    annotation_files: tuple[str, ...] = Field(("train_anno.csv", "test_anno.csv"), description="Box tables.")
+    image_suffix: str = Field("_zoom.npy", description="Suffix of the volume files.")
+    spacing_mm: float = Field(1.0, gt=0, description="Isotropic spacing the publisher resampled to.")
+    exclude: tuple[str, ...] = Field((), description="Case ids to leave out.")
+
+
+class RibFracConvertSettings(Settings):
+    """RibFrac: NIfTI scans and instance labels plus the info CSVs."""
+
+    classes: Literal["fracture", "types"] = Field("fracture", description="One class, or the four fracture types.")
+    uncertain: Literal["fracture", "drop"] | None = Field(
+        None, description="Instances of code -1: count as fractures or drop; default: 'fracture' with "
+        "classes 'fracture', 'drop' with 'types'.")
+
+
+class KiTS21ConvertSettings(Settings):
+    """KiTS21: the kits21 repository's images and aggregated segmentations."""
+
+    segmentation: Literal["aggregated_MAJ_seg.nii.gz", "aggregated_AND_seg.nii.gz", "aggregated_OR_seg.nii.gz"] = \
+        Field("aggregated_MAJ_seg.nii.gz", description="Which aggregated segmentation to read.")
+    include_cysts: bool = Field(False, description="Cysts as a second class.")
+    min_extent_mm: float = Field(3.0, ge=0, description="Instances smaller than this in-plane are dropped.")
+    connectivity: Connectivity = Field(26, description="Connectivity of the connected components.")
+
+
+class MSDPancreasConvertSettings(Settings):
+    """MSD Task07 Pancreas: tumours (label 2) as connected components."""
+
+    min_extent_mm: float = Field(3.0, ge=0, description="Instances smaller than this in-plane are dropped.")
+    connectivity: Connectivity = Field(26, description="Connectivity of the connected components.")
+
+
+class DukeBreastConvertSettings(Settings):
+    """Duke Breast Cancer MRI: DICOM series plus the annotation-box table."""
+
+    sequences: tuple[str, ...] = Field(("post_1",), min_length=1, description="DCE sequences, one channel each.")
+    index_base: int = Field(1, ge=0, le=1, description="Whether the box table counts rows, columns and slices from "
+                                      "0 or 1.")
+
+
+class CTAAConvertSettings(Settings):
+    """CTA-A: image and label NIfTI files in two folders."""
+
+    images_dir: str = Field("images", description="Folder of the images below the source folder.")
+    labels_dir: str = Field("labels", description="Folder of the labels below the source folder.")
+    image_suffix: str = Field(".nii.gz", description="Suffix of the image files.")
+    label_suffix: str = Field(".nii.gz", description="Suffix of the label files.")
+    instances: Literal["components", "values"] = Field("components", description="Instances as connected "
+                                                       "components of the foreground, or one per label value.")
+
+
+#: registered converter name -> its settings class (``catalog.CONVERTER_MODULES`` names the same converters)
+CONVERTER_SETTINGS: dict[str, type[Settings]] = {
+    "luna16": LUNA16ConvertSettings,
+    "lidc": LIDCConvertSettings,
+    "pn9": PN9ConvertSettings,
+    "ribfrac": RibFracConvertSettings,
+    "kits21": KiTS21ConvertSettings,
+    "msd_pancreas": MSDPancreasConvertSettings,
+    "duke_breast": DukeBreastConvertSettings,
+    "cta_a": CTAAConvertSettings,
+}
+
+
+def converter_settings_class(name: str, where: str = "datasets") -> type[Settings]:
+    """The settings class of registered converter ``name``; unknown names are a ``ConfigError``."""
+    return registered(CONVERTER_SETTINGS, name, where, "converter")
