@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Install (Debian packages) and start a one-node SLURM cluster on this machine, for the SLURM tests and CI.
-# Idempotent: a running cluster is left alone. Needs root (CI runs as root). No accounting database, so the
-# Snakemake SLURM executor must be run with `--slurm-status-command squeue` (see profiles/slurm-test/).
+# Idempotent: a running cluster is left alone. Needs root (CI runs as root).
+#
+# The cluster mirrors what profiles/slurm expects of a site: partitions named `cpu` (default) and `gpu` (the same
+# node; it has no GPUs, so GPU jobs use profiles/slurm-cpu on top). No accounting database: `sacct` fails, so the
+# Snakemake SLURM executor must be run with `--slurm-status-command squeue`, which tests/slurm/site-profile/ sets
+# (with the other options of this test site). Processes are tracked with proctrack/cgroup (cgroup v1 freezer)
+# when this machine lets slurmd create cgroups, as on most production clusters; otherwise with proctrack/linuxproc,
+# and the script says so. `scontrol show config | grep ProctrackType` shows which one runs.
 set -euo pipefail
 
 if [[ $(id -u) -ne 0 ]]; then
@@ -14,23 +20,41 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
 fi
 
-if sinfo -h -o "%T" 2>/dev/null | grep -qE "idle|mixed|allocated"; then
-    echo "SLURM already running: $(sinfo -h -o '%N %T %c')"
+if sinfo -h -p cpu,gpu -o "%P %T" 2>/dev/null | grep -E "idle|mixed|allocated" | grep -q "^gpu"; then
+    echo "SLURM already running: $(sinfo -h -o '%P %N %T %c' | tr '\n' ' ')"
     exit 0
 fi
 
 HOST=$(hostname -s)
+# proctrack/cgroup needs a writable cgroup v1 freezer hierarchy (Slurm 22.05's cgroup/v2 wants systemd's
+# delegation); a container without one falls back to linuxproc, which tracks processes by parent only.
+PROCTRACK=proctrack/linuxproc
+if [[ -d /sys/fs/cgroup/freezer ]] && mkdir -p /sys/fs/cgroup/freezer/slurm 2>/dev/null \
+        && [[ -w /sys/fs/cgroup/freezer/slurm ]]; then
+    PROCTRACK=proctrack/cgroup
+    mkdir -p /etc/slurm
+    cat > /etc/slurm/cgroup.conf <<CGROUP
+CgroupPlugin=cgroup/v1
+CgroupMountpoint=/sys/fs/cgroup
+CgroupAutomount=no
+ConstrainCores=no
+ConstrainRAMSpace=no
+CGROUP
+else
+    echo "start_local_slurm.sh: no writable cgroup v1 freezer hierarchy; using proctrack/linuxproc" >&2
+fi
 CPUS=$(nproc)
 MEM_MB=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 3 / 4 ))
 CONF_DIR=/etc/slurm
-mkdir -p "$CONF_DIR" /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge /var/lib/munge /var/log/munge
+mkdir -p "$CONF_DIR"
+mkdir -p /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge /var/lib/munge /var/log/munge
 
 cat > "$CONF_DIR/slurm.conf" <<CONF
 ClusterName=pretrain-det3d-test
 SlurmctldHost=$HOST
 SlurmUser=root
 AuthType=auth/munge
-ProctrackType=proctrack/linuxproc
+ProctrackType=$PROCTRACK
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
@@ -47,7 +71,8 @@ SlurmdLogFile=/var/log/slurm/slurmd.log
 ReturnToService=2
 MinJobAge=300
 NodeName=$HOST CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
-PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+PartitionName=cpu Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=$HOST Default=NO MaxTime=INFINITE State=UP
 CONF
 
 if [[ ! -s /etc/munge/munge.key ]]; then
@@ -58,12 +83,16 @@ chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge
 chmod 400 /etc/munge/munge.key
 pgrep -x munged >/dev/null || su -s /bin/sh munge -c "/usr/sbin/munged"
 
-pgrep -x slurmctld >/dev/null || slurmctld
+if pgrep -x slurmctld >/dev/null; then
+    scontrol reconfigure   # running with an older slurm.conf (other partitions): load this one
+else
+    slurmctld
+fi
 pgrep -x slurmd >/dev/null || slurmd
 
 for _ in $(seq 1 30); do
     if sinfo -h -o "%T" 2>/dev/null | grep -qE "idle|mixed"; then
-        echo "SLURM up: $(sinfo -h -o '%N %T %c CPUs')"
+        echo "SLURM up ($PROCTRACK): $(sinfo -h -o '%P %N %T %c CPUs' | tr '\n' ' ')"
         exit 0
     fi
     sleep 1

@@ -19,8 +19,8 @@ rule evaluate:
     resources:
         **rule_resources("evaluate"),
     shell:
-        "python -m pretrain_det3d evaluate --predictions {input.predictions} --converted {input.converted} --splits {input.splits} "
-        "--fold {wildcards.fold} --out-json {output.metrics} --out-csv {output.cases} > {log} 2>&1"
+        LOG_ATTEMPT + "python -m pretrain_det3d evaluate --predictions {input.predictions} --converted {input.converted} --splits {input.splits} "
+        "--fold {wildcards.fold} --out-json {output.metrics} --out-csv {output.cases} >> {log:q} 2>&1"
 
 
 rule export_luna16:
@@ -40,5 +40,5 @@ rule export_luna16:
     resources:
         **rule_resources("export_luna16"),
     shell:
-        "python -m pretrain_det3d export-luna16 --predictions {input.predictions} --converted {input.converted} "
-        "--splits {input.splits} --fold {wildcards.fold} --out {output} > {log} 2>&1"
+        LOG_ATTEMPT + "python -m pretrain_det3d export-luna16 --predictions {input.predictions} --converted {input.converted} "
+        "--splits {input.splits} --fold {wildcards.fold} --out {output} >> {log:q} 2>&1"
