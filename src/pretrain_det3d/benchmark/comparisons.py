@@ -28,6 +28,7 @@ from torch import nn
 
 from pretrain_det3d.benchmark.loading import DEFAULT_LOADER_BATCHES, DEFAULT_LOADER_WARMUP, measure_loading
 from pretrain_det3d.benchmark.timing import summarize, time_repeats
+from pretrain_det3d.data.io import load_npy
 from pretrain_det3d.training.augmentation import AugmentationParams
 from pretrain_det3d.training.dataloader import FOREGROUND_FRACTION, CaseRecord
 from pretrain_det3d.training.trainer import IterationTrainer, move_to_device
@@ -53,8 +54,8 @@ def NnUNetArrayDatasetFactory() -> type:
             record = self.records[identifier]
             # copy-on-write maps: nnU-Net's loader hands a crop that lies inside the image to its transforms as a
             # view, and they modify it in place; a read-only map then segfaults (seen here), a "c" map stays private
-            data = np.load(record.image_path, mmap_mode="c")  # [C, Z, Y, X]
-            seg = np.load(record.seg_path, mmap_mode="c")[None]  # [1, Z, Y, X], still a memory map
+            data = load_npy(record.image_path, mmap_mode="c")  # [C, Z, Y, X]
+            seg = load_npy(record.seg_path, mmap_mode="c")[None]  # [1, Z, Y, X], still a memory map
             locations = record.foreground_locations
             # nnU-Net's class_locations carry the channel index first: [N, 4]
             with_channel = np.hstack([np.zeros((len(locations), 1), dtype=np.int64), locations])

@@ -30,6 +30,7 @@ from pretrain_det3d.benchmark.loading import DEFAULT_LOADER_BATCHES, DEFAULT_LOA
 from pretrain_det3d.benchmark.report import SCHEMA_VERSION, validate_record
 from pretrain_det3d.benchmark.timing import DEFAULT_REPEATS, DEFAULT_WARMUP
 from pretrain_det3d.benchmark.training import measure_training
+from pretrain_det3d.data.io import load_npy
 from pretrain_det3d.training.dataloader import list_corpus_cases, load_case_records
 from pretrain_det3d.training.trainer import DetectorTrainer, TrainingSettings, seed_everything
 from pretrain_det3d.utils.atomic import write_json
@@ -191,7 +192,7 @@ def run_benchmark(
 
         record["inference"] = None
         if s.inference:
-            image = np.load(records[0].image_path, mmap_mode="r")
+            image = load_npy(records[0].image_path, mmap_mode="r")
             # no warm-up pass: the training stage already ran this model at this patch size
             record["inference"] = measure_inference(trainer.model, image, s.patch_size, device=device,
                                                     warmup=0, repeats=s.inference_repeats)
