@@ -1,18 +1,24 @@
-"""The smoke study through a real SLURM cluster with Snakemake's SLURM executor.
+"""The smoke study through a real SLURM cluster with Snakemake's SLURM executor, with the real profiles.
 
 Needs a running SLURM (``tests/slurm/start_local_slurm.sh`` installs and starts a one-node cluster as root;
-``.ci/run`` does that before the tests).
+``.ci/run`` and ``make test`` do that through tests/system/ensure_test_system.sh). The runs use profiles/slurm with
+profiles/slurm-cpu on top (the node has no GPUs) and tests/slurm/site-profile (executor options of the test site
+only), so every resource setting of profiles/slurm, the time-limit signal included, is what gets submitted.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
+
+import yaml
 
 import pytest
 
-from conftest import REPO, run_snakemake
+from conftest import REPO, SNAKEFILE, run_snakemake
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -28,33 +34,43 @@ def slurm_is_up() -> bool:
 def slurm_cluster():
     if not slurm_is_up():
         raise RuntimeError(
-            "no SLURM cluster is running: start one with `sudo tests/slurm/start_local_slurm.sh`, "
+            "no SLURM cluster is running: start one with `sudo bash tests/slurm/start_local_slurm.sh`, "
             "or deselect these tests with -m 'not slurm'"
         )
 
 
+PROFILES = ("--profile", str(REPO / "profiles" / "slurm"), "--profile", str(REPO / "profiles" / "slurm-cpu"),
+            "--profile", str(REPO / "tests" / "slurm" / "site-profile"))
+
+
+def run_pinned_to_one_cpu(workdir, *args):
+    """Snakemake as run_snakemake runs it, but pinned to one CPU (jobs run by slurmd are not pinned)."""
+    command = ["taskset", "-c", str(min(os.sched_getaffinity(0))), sys.executable, "-m", "snakemake",
+               "-s", str(SNAKEFILE), "--directory", str(workdir), *args]
+    env = dict(os.environ, PATH=os.pathsep.join([str(REPO / ".venv" / "bin"), str(os.path.dirname(sys.executable)),
+                                                 os.environ.get("PATH", "")]))
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1500)
+    assert result.returncode == 0, f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
 def test_smoke_study_runs_through_slurm(tmp_path, slurm_cluster):
-    result = run_snakemake(
+    overlay = tmp_path / "threads.yaml"
+    # fine-tuning asks for 2 threads; the submitting Snakemake is pinned to one CPU (a small login node)
+    overlay.write_text("resources:\n  finetune: {threads: 2, mem_mb: 1000, runtime: 10}\n")
+    result = run_pinned_to_one_cpu(
         tmp_path,
-        "--profile", str(REPO / "profiles" / "slurm"),
-        # the test cluster: one CPU partition, no GPUs, no accounting database
-        "--default-resources", "slurm_partition=debug",
-        "--set-resources", "pretrain:gpu=0", "finetune:gpu=0", "predict:gpu=0",
-        "--slurm-no-account",
-        "--slurm-status-command", "squeue",
-        "--slurm-init-seconds-before-status-checks", "1",
-        "--latency-wait", "5",
+        *PROFILES,
         "--slurm-logdir", str(tmp_path / "slurm_logs"),
         "--slurm-keep-successful-logs",
-        "--jobs", "4",
         # two initialisations are enough to show the chain runs through SLURM; both detectors go through it
         "--config", "study={datasets: [smoke_lesions], detectors: [retina_unet, deformable_detr], "
         "initialisations: [scratch, mae], "
         "folds: [0], num_folds: 2}",
-        timeout=1500,
+        "--configfile", str(REPO / "tests" / "configs" / "smoke.yaml"), str(overlay),
     )
     output = result.stdout + result.stderr
-    job_ids = set(re.findall(r"SLURM jobid (\d+)", output)) | set(re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", output))
+    job_ids = set(re.findall(r"submitted with SLURM jobid (\d+)", output))
     assert job_ids, f"no SLURM job ids in the Snakemake log:\n{output[-3000:]}"
     assert (tmp_path / "results/tables/main_results.csv").stat().st_size > 0
     for detector in ("retina_unet", "deformable_detr"):
@@ -62,8 +78,63 @@ def test_smoke_study_runs_through_slurm(tmp_path, slurm_cluster):
     assert (tmp_path / "results/figures/ap_by_init.png").stat().st_size > 0
     slurm_logs = list((tmp_path / "slurm_logs").rglob("*.log"))
     assert slurm_logs, "the SLURM executor wrote no job logs"
-    # the heavy rules ran as SLURM jobs (the plugin files logs per rule, named by job id); light ones stayed local
+    # the heavy rules ran as SLURM jobs (the plugin files logs per rule, named by job id); the localrules ran here
     logged_rules = {path.relative_to(tmp_path / "slurm_logs").parts[0].removeprefix("rule_") for path in slurm_logs}
     assert {"pretrain", "finetune", "predict", "evaluate"} <= logged_rules, logged_rules
-    assert not {"aggregate", "plot_ap_by_init", "check_dataset"} & logged_rules
+    assert (tmp_path / "results/logs/aggregate.log").exists() and list((tmp_path / "results/logs/check_dataset").glob("*.log"))
+    assert not {"aggregate", "check_dataset", "all"} & logged_rules, logged_rules
     assert {path.stem for path in slurm_logs} <= job_ids
+    # the threads of the config, not the submitting host's one CPU: the job step ran the package with --threads 2
+    finetune_logs = list((tmp_path / "slurm_logs" / "rule_finetune").rglob("*.log"))
+    assert len(finetune_logs) == 4
+    for path in finetune_logs:
+        assert re.search(r"exec python -m pretrain_det3d finetune .* --threads 2 >>", path.read_text()), path
+
+
+def test_trainer_saves_on_the_time_limit_warning(tmp_path, slurm_cluster):
+    """Pre-training that cannot finish in SLURM's shortest time limit: each attempt gets the profile's warning
+    signal, saves checkpoint_latest.pth and exits before the limit; the retry resumes from it.
+
+    SLURM's shortest limit is one minute, shorter than the profile's warning offset (600 s, which would fire at
+    once, before the trainer has started), so this run uses profiles/slurm-cpu with only that offset shortened, read
+    from the file and written to a scratch profile: signal, delivery and every other setting stay as in the profile.
+    """
+    cpu_profile = yaml.safe_load((REPO / "profiles" / "slurm-cpu" / "config.yaml").read_text())
+    signal = cpu_profile["set-resources"]["pretrain"]["slurm_extra"]
+    assert re.fullmatch(r"'--signal=TERM@\d+'", signal), signal
+    for values in cpu_profile["set-resources"].values():
+        values["slurm_extra"] = re.sub(r"@\d+", "@40", values["slurm_extra"])
+    (tmp_path / "profile").mkdir()
+    (tmp_path / "profile" / "config.yaml").write_text(yaml.safe_dump(cpu_profile))
+    result = run_snakemake(
+        tmp_path,
+        "--profile", str(REPO / "profiles" / "slurm"), "--profile", str(tmp_path / "profile"),
+        "--profile", str(REPO / "tests" / "slurm" / "site-profile"),
+        "--retries", "1",
+        "--slurm-logdir", str(tmp_path / "slurm_logs"), "--slurm-keep-successful-logs",
+        "--configfile", str(REPO / "tests" / "configs" / "smoke.yaml"),
+        str(REPO / "tests" / "slurm" / "time_limit.yaml"),
+        "--", "results/pretrain/mae/checkpoint_final.pth",
+        configfile=None, check=False, timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, "pre-training of a million iterations finished within a minute?"
+    assert "--signal=TERM@40" in output, "the job was not submitted with the profile's signal"
+    log = (tmp_path / "results/logs/pretrain/mae.log").read_text()
+    attempts = re.split(r"\n===== .* pretrain  attempt on .* \(SLURM job (\d+)\) =====\n", log)[1:]
+    job_ids, texts = attempts[0::2], attempts[1::2]
+    assert len(job_ids) == 2 and len(set(job_ids)) == 2, f"two attempts as two SLURM jobs expected:\n{log[-3000:]}"
+    stopped_at = []
+    for text in texts:
+        assert "received SIGTERM: stopping after this iteration and saving a checkpoint" in text, text[-2000:]
+        stop = re.search(r"stopped by a signal at iteration (\d+)/", text)
+        assert stop, f"the trainer did not save on the warning:\n{text[-2000:]}"
+        stopped_at.append(int(stop.group(1)))
+    resumed = re.search(r"resumed from \S+checkpoint_latest.pth at iteration (\d+)", texts[1])
+    assert resumed and int(resumed.group(1)) == stopped_at[0], texts[1][-2000:]
+    assert stopped_at[1] > stopped_at[0]
+    assert (tmp_path / "results/pretrain/mae/checkpoint_latest.pth").stat().st_size > 0
+    # saved on the warning, not killed at the limit: SLURM writes this line into the job's log at the time limit
+    for job_id in job_ids:
+        slurm_log = next((tmp_path / "slurm_logs").rglob(f"{job_id}.log")).read_text()
+        assert "DUE TO TIME LIMIT" not in slurm_log, slurm_log[-2000:]

@@ -5,9 +5,8 @@
 # The cluster mirrors what profiles/slurm expects of a site: partitions named `cpu` (default) and `gpu` (the same
 # node; it has no GPUs, so GPU jobs use profiles/slurm-cpu on top). No accounting database: `sacct` fails, so the
 # Snakemake SLURM executor must be run with `--slurm-status-command squeue`, which tests/slurm/site-profile/ sets
-# (with the other options of this test site). Processes are tracked with proctrack/cgroup (cgroup v1 freezer)
-# when this machine lets slurmd create cgroups, as on most production clusters; otherwise with proctrack/linuxproc,
-# and the script says so. `scontrol show config | grep ProctrackType` shows which one runs.
+# (with the other options of this test site). `scontrol show config | grep ProctrackType` shows how processes are
+# tracked (see SLURM_PROCTRACK below).
 set -euo pipefail
 
 if [[ $(id -u) -ne 0 ]]; then
@@ -26,22 +25,26 @@ if sinfo -h -p cpu,gpu -o "%P %T" 2>/dev/null | grep -E "idle|mixed|allocated" |
 fi
 
 HOST=$(hostname -s)
-# proctrack/cgroup needs a writable cgroup v1 freezer hierarchy (Slurm 22.05's cgroup/v2 wants systemd's
-# delegation); a container without one falls back to linuxproc, which tracks processes by parent only.
-PROCTRACK=proctrack/linuxproc
-if [[ -d /sys/fs/cgroup/freezer ]] && mkdir -p /sys/fs/cgroup/freezer/slurm 2>/dev/null \
-        && [[ -w /sys/fs/cgroup/freezer/slurm ]]; then
-    PROCTRACK=proctrack/cgroup
-    mkdir -p /etc/slurm
-    cat > /etc/slurm/cgroup.conf <<CGROUP
+# Process tracking: SLURM_PROCTRACK=linuxproc (default) or cgroup (cgroup v1 freezer; Slurm 22.05's cgroup/v2
+# wants systemd's delegation). Measured here with cgroup: SLURM signals other than SIGKILL reach only a step's
+# task process, which under Snakemake's SLURM executor is the inner `python -m snakemake`, not the trainer, so the
+# time-limit warning never reaches the trainer (README, "Running the paper's study on a cluster"). The default
+# stays linuxproc, which signals every descendant, until the trainer gets the warning another way.
+PROCTRACK=proctrack/${SLURM_PROCTRACK:-linuxproc}
+if [[ $PROCTRACK == proctrack/cgroup ]]; then
+    if [[ -d /sys/fs/cgroup/freezer ]] && mkdir -p /sys/fs/cgroup/freezer/slurm 2>/dev/null; then
+        mkdir -p /etc/slurm
+        cat > /etc/slurm/cgroup.conf <<CGROUP
 CgroupPlugin=cgroup/v1
 CgroupMountpoint=/sys/fs/cgroup
 CgroupAutomount=no
 ConstrainCores=no
 ConstrainRAMSpace=no
 CGROUP
-else
-    echo "start_local_slurm.sh: no writable cgroup v1 freezer hierarchy; using proctrack/linuxproc" >&2
+    else
+        echo "start_local_slurm.sh: no writable cgroup v1 freezer hierarchy; using proctrack/linuxproc" >&2
+        PROCTRACK=proctrack/linuxproc
+    fi
 fi
 CPUS=$(nproc)
 MEM_MB=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 3 / 4 ))
