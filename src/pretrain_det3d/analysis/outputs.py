@@ -22,7 +22,6 @@ Statistics settings (``StatisticsSettings``, the CLI's ``--settings`` JSON): ``n
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ import pandas as pd
 from pretrain_det3d.settings.base import ConfigError
 from pretrain_det3d.settings.study import StatisticsSettings as StatisticsSettingsBase
 from pretrain_det3d.analysis.case_level import CaseLevelData
-from pretrain_det3d.analysis.tables import MAIN_METRIC, RUN_KEYS, AnalysisInputError
+from pretrain_det3d.analysis.tables import RUN_KEYS, AnalysisInputError
 from pretrain_det3d.utils.registry import Registry
 
 #: Choices of ``StatisticsSettings.test``.

@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pretrain_det3d.settings.base import Settings
 from pretrain_det3d.settings.training import TrainingSettings, changed_loop_defaults, registered
 
 Vector6 = tuple[float, float, float, float, float, float]
