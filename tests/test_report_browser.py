@@ -486,7 +486,7 @@ def test_report_shows_every_figure_and_table_without_errors(browser, smoke_repor
 
 
 def _edited_report(report: Path, out: Path, edit) -> Path:
-    out.write_text(edit(report.read_text()))
+    out.write_text(edit(report.read_text(encoding="utf-8")), encoding="utf-8")
     return out
 
 
