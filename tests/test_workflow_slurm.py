@@ -56,8 +56,10 @@ def run_pinned_to_one_cpu(workdir, *args):
 
 def test_smoke_study_runs_through_slurm(tmp_path, slurm_cluster):
     overlay = tmp_path / "threads.yaml"
-    # fine-tuning asks for 2 threads; the submitting Snakemake is pinned to one CPU (a small login node)
-    overlay.write_text("resources:\n  finetune: {threads: 2, mem_mb: 1000, runtime: 10}\n")
+    # fine-tuning asks for 2 threads; the submitting Snakemake is pinned to one CPU (a small login node). The training
+    # jobs get a time limit above the profile's warning offset (600 s): a shorter one gets the warning at once.
+    overlay.write_text("resources:\n  finetune: {threads: 2, mem_mb: 1000, runtime: 30}\n"
+                       "  pretrain: {threads: 1, mem_mb: 1000, runtime: 30}\n")
     result = run_pinned_to_one_cpu(
         tmp_path,
         *PROFILES,
