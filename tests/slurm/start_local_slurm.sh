@@ -28,8 +28,10 @@ HOST=$(hostname -s)
 # Process tracking: SLURM_PROCTRACK=linuxproc (default) or cgroup (cgroup v1 freezer; Slurm 22.05's cgroup/v2
 # wants systemd's delegation). Measured here with cgroup: SLURM signals other than SIGKILL reach only a step's
 # task process, which under Snakemake's SLURM executor is the inner `python -m snakemake`, not the trainer, so the
-# time-limit warning never reaches the trainer (README, "Running the paper's study on a cluster"). The default
-# stays linuxproc, which signals every descendant, until the trainer gets the warning another way.
+# time-limit warning never reaches the trainer (README, "Running the paper's study on a cluster"); the trainer's own
+# deadline (squeue's end time less PRETRAIN_DET3D_STOP_BEFORE_END_S) stops it instead, and the time-limit test of
+# tests/test_workflow_slurm.py passed with both. The default stays linuxproc, which signals every descendant, so the
+# test keeps exercising the signal path as well.
 PROCTRACK=proctrack/${SLURM_PROCTRACK:-linuxproc}
 if [[ $PROCTRACK == proctrack/cgroup ]]; then
     if [[ -d /sys/fs/cgroup/freezer ]] && mkdir -p /sys/fs/cgroup/freezer/slurm 2>/dev/null; then

@@ -46,6 +46,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -99,6 +100,16 @@ PROGRESS_LOG_EVERY_MAX = 500  # ... but never fewer than one line per this many 
 #: signals that end a run early with a checkpoint: SLURM sends SIGTERM at the time limit or on preemption, and
 #: SIGUSR1 ahead of it when asked (profiles/slurm: --signal=USR1@600)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+#: Inside a SLURM job (``SLURM_JOB_ID`` set) the trainer also stops by itself, exactly as on a stop signal, this
+#: many seconds before the job's end time (read once from ``squeue`` when ``IterationTrainer.run`` starts). It does
+#: not depend on the signal reaching the trainer, which it does not with ``ProctrackType=proctrack/cgroup`` (SLURM
+#: then signals only the step's task, the inner Snakemake). Keep it equal to the warning offset of the SLURM
+#: profiles (``--signal=TERM@600`` in profiles/slurm and profiles/slurm-cpu), so both ask for the same stop.
+SLURM_STOP_BEFORE_END_S = 600
+#: environment variable overriding ``SLURM_STOP_BEFORE_END_S`` (seconds, >= 0)
+SLURM_STOP_BEFORE_END_ENV = "PRETRAIN_DET3D_STOP_BEFORE_END_S"
+#: what ``squeue -o %e`` prints for a job without an end time
+_NO_END_TIMES = frozenset({"", "N/A", "UNLIMITED", "NONE", "UNKNOWN", "INFINITE"})
 
 
 class TrainingInterrupted(RuntimeError):
@@ -130,6 +141,94 @@ def stop_requests(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[threading.E
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
+
+
+@dataclass(frozen=True)
+class JobDeadline:
+    """The end of the SLURM job this process runs in (Unix seconds) and how long before it the trainer stops."""
+
+    end: float
+    margin_s: float
+    clock: Callable[[], float] = time.time
+
+    @property
+    def stop_at(self) -> float:
+        return self.end - self.margin_s
+
+    def remaining(self) -> float:
+        """Seconds until the job's end."""
+        return self.end - self.clock()
+
+    def reached(self) -> bool:
+        return self.clock() >= self.stop_at
+
+    def describe(self) -> str:
+        end = datetime.datetime.fromtimestamp(self.end).isoformat(timespec="seconds")
+        return f"SLURM job ends at {end}: stopping {self.margin_s:g} s before it"
+
+
+def parse_slurm_end_time(text: str) -> float | None:
+    """The job end time in ``squeue -h -o %e`` output (``2026-12-01T06:40:00``, the local time zone), as Unix
+    seconds; ``None`` for a job without one ("N/A", "UNLIMITED") or output that is not a time.
+
+        >>> parse_slurm_end_time("UNLIMITED") is None
+        True
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) != 1 or lines[0].upper() in _NO_END_TIMES:
+        return None
+    try:
+        end = datetime.datetime.fromisoformat(lines[0])
+    except ValueError:
+        return None
+    return end.timestamp()  # a naive time is taken as local time, as squeue prints it
+
+
+def stop_before_end_s(environ: Mapping[str, str] = os.environ) -> float:
+    """The margin before the job's end: ``PRETRAIN_DET3D_STOP_BEFORE_END_S`` if set, else ``SLURM_STOP_BEFORE_END_S``."""
+    value = environ.get(SLURM_STOP_BEFORE_END_ENV, "").strip()
+    if not value:
+        return float(SLURM_STOP_BEFORE_END_S)
+    try:
+        margin = float(value)
+    except ValueError:
+        margin = float("nan")
+    if not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"{SLURM_STOP_BEFORE_END_ENV}={value!r}: expected a number of seconds >= 0")
+    return margin
+
+
+def squeue_end_time(job_id: str) -> str:
+    """``squeue``'s end time of the given job (raises on a missing ``squeue`` or a failure)."""
+    result = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%e"], capture_output=True, text=True, timeout=60,
+                            check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"squeue exited with {result.returncode}: {result.stderr.strip()[:200]}")
+    return result.stdout
+
+
+def slurm_job_deadline(
+    environ: Mapping[str, str] = os.environ,
+    query: Callable[[str], str] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> JobDeadline | None:
+    """The deadline of the SLURM job this process runs in, or ``None`` outside SLURM or when its end time is
+    unknown (one log line says why; the stop signals still work). ``query`` defaults to ``squeue_end_time``."""
+    job_id = environ.get("SLURM_JOB_ID", "").strip()
+    if not job_id:
+        return None
+    margin = stop_before_end_s(environ)
+    try:
+        output = (query or squeue_end_time)(job_id)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:  # no squeue, controller unreachable, ...
+        LOGGER.info("SLURM job %s: no end time (%s); only a stop signal ends training early", job_id, error)
+        return None
+    end = parse_slurm_end_time(output)
+    if end is None:
+        LOGGER.info("SLURM job %s: no end time (squeue printed %r); only a stop signal ends training early",
+                    job_id, output.strip()[:100])
+        return None
+    return JobDeadline(end=end, margin_s=margin, clock=clock)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -571,6 +670,7 @@ class IterationTrainer:
     """
 
     with_labels: bool = True  # whether batches carry detection targets
+    stopped_by_deadline: bool = False  # the last run() stopped before the SLURM job's end (JobDeadline)
 
     def __init__(
         self,
@@ -820,19 +920,24 @@ class IterationTrainer:
         """
         total = self.settings.iterations
         end = total if stop_at is None else min(int(stop_at), total)
+        deadline = self.job_deadline()  # before anything is opened: a bad PRETRAIN_DET3D_STOP_BEFORE_END_S raises
+        self.stopped_by_deadline = False
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.load_checkpoint()
+        if deadline is not None:
+            LOGGER.info("%s", deadline.describe())
         self.log.start(self.iteration)
         with stop_requests() as stop:
             try:
                 if self.iteration < end:
-                    self._loop(end, stop)
+                    self._loop(end, stop, deadline)
             finally:
                 self.log.close()
             if stop.is_set():
                 self.save_checkpoint()
+                cause = "before the SLURM job's end" if self.stopped_by_deadline else "by a signal"
                 raise TrainingInterrupted(
-                    f"stopped by a signal at iteration {self.iteration}/{total}; {self.checkpoint_path} holds the "
+                    f"stopped {cause} at iteration {self.iteration}/{total}; {self.checkpoint_path} holds the "
                     "state and a rerun resumes from it"
                 )
         if self.iteration < total:
@@ -843,7 +948,11 @@ class IterationTrainer:
         if not self.settings.keep_latest_checkpoint:
             self.checkpoint_path.unlink(missing_ok=True)
 
-    def _loop(self, end: int, stop: threading.Event | None = None) -> None:
+    def job_deadline(self) -> JobDeadline | None:
+        """When to stop by itself before the SLURM job's end (``None``: outside SLURM, or no end time known)."""
+        return slurm_job_deadline()
+
+    def _loop(self, end: int, stop: threading.Event | None = None, deadline: JobDeadline | None = None) -> None:
         batches: Iterator[dict[str, Any]] = iter(self.build_batches(self.iteration))
         # a settings key log_every wins once the settings schema has one; else the module default
         every = getattr(self.settings, "log_every", None) or LOG_EVERY
@@ -851,6 +960,14 @@ class IterationTrainer:
                                     enabled=bool(self.settings.progress_bar), stream=self.progress_stream, every=every)
         try:
             while self.iteration < end and not (stop is not None and stop.is_set()):
+                if deadline is not None and deadline.reached():
+                    LOGGER.warning("job end in %.0f s: stopping at iteration %d and saving a checkpoint",
+                                   deadline.remaining(), self.iteration)
+                    self.stopped_by_deadline = True
+                    if stop is None:
+                        stop = threading.Event()
+                    stop.set()
+                    break
                 started = time.perf_counter()
                 lr = self.schedule.apply(self.optimizer, self.iteration)
                 batch = move_to_device(next(batches), self.device, non_blocking=self.uses_pinned_memory)
