@@ -1,8 +1,8 @@
 """Checks of a study configuration across sections, and settings resolution.
 
 The settings classes (``pretrain_det3d.settings``, applied by :func:`validate_study_config`) fix keys, types and
-defaults of each section; this module checks that the names the study refers to exist (datasets, initialisations, detectors, backbone presets) and merges the
-per-stage settings that the rules hand to the package. It imports no torch, so a dry run stays fast.
+defaults of each section; this module checks that the names the study refers to exist (datasets, initialisations,
+detectors, backbone presets) and merges the per-stage settings that the rules hand to the package. It imports no torch, so a dry run stays fast.
 
 Example:
     >>> cfg = {"backbone": "resenc_demo", "study": {"datasets": ["d"], "detectors": ["retina_unet"],

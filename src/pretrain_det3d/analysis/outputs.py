@@ -29,14 +29,12 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from pretrain_det3d.settings.base import ConfigError
-from pretrain_det3d.settings.study import StatisticsSettings as StatisticsSettingsBase
 from pretrain_det3d.analysis.case_level import CaseLevelData
 from pretrain_det3d.analysis.tables import RUN_KEYS, AnalysisInputError
+from pretrain_det3d.settings.base import ConfigError
+from pretrain_det3d.settings.study import StatisticsSettings as StatisticsSettingsBase
 from pretrain_det3d.utils.registry import Registry
 
-#: Choices of ``StatisticsSettings.test``.
-TEST_CHOICES = ("auto", "wilcoxon", "bootstrap")
 #: Choices of ``OutputSpec.case_level``.
 CASE_LEVEL_CHOICES = ("none", "optional", "required")
 

@@ -32,9 +32,6 @@ from pretrain_det3d.models.registry import load_detector
 from pretrain_det3d.settings.study import InferenceSettings
 from pretrain_det3d.utils.atomic import write_json
 
-#: Settings keys and their defaults, from the one definition (``patch_size`` has none: it must match training).
-DEFAULT_SETTINGS: dict[str, Any] = {k: InferenceSettings.default(k) for k in InferenceSettings.keys()
-                                    if k != "patch_size"}
 MIRROR_AXES = (0, 1, 2)  # all spatial axes when ``mirror`` is on
 CASES_DIR = "cases"
 

@@ -60,13 +60,13 @@ def fetch_published_checkpoint(entry: Mapping[str, Any], out_path: str | os.Path
             download_file(entry["url"], staging, sha256=expected)
             shutil.move(staging, tmp)
         else:
-            source = Path(entry["path"])
-            if not source.is_file():
-                raise PublishedCheckpointError(f"{where}.path: {source} does not exist")
-            shutil.copyfile(source, tmp)
-            if expected and file_digest(tmp) != str(expected).lower():
-                raise PublishedCheckpointError(f"{source}: sha256 {file_digest(tmp)} differs from {where}.sha256 {expected}")
-        digest = file_digest(tmp)
+            copy = Path(entry["path"])
+            if not copy.is_file():
+                raise PublishedCheckpointError(f"{where}.path: {copy} does not exist")
+            shutil.copyfile(copy, tmp)
+        digest = file_digest(tmp)  # once: a checkpoint can be GBs (download_file has checked a download already)
+        if entry.get("path") and expected and digest != str(expected).lower():
+            raise PublishedCheckpointError(f"{entry['path']}: sha256 {digest} differs from {where}.sha256 {expected}")
         source = str(entry.get("url") or entry.get("path"))
         try:
             weights, plan = read_pretraining_checkpoint(tmp)
@@ -80,5 +80,5 @@ def fetch_published_checkpoint(entry: Mapping[str, Any], out_path: str | os.Path
         LOGGER.info("published checkpoint with %d tensors, pre-trained with %s", len(weights),
                     plan.get("pretrain_method", "an unnamed method"))
     write_json(out_path.with_name(out_path.stem + ".sha256.json"),
-               {"sha256": digest, "verified": bool(expected), "source": entry.get("url") or str(entry.get("path"))})
+               {"sha256": digest, "verified": bool(expected), "source": source})
     return out_path

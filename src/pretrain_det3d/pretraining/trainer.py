@@ -36,7 +36,6 @@ from pretrain_det3d.training.trainer import (
     IterationTrainer,
     TrainingSettings,
     compact_fingerprint,
-    settings_as_dict,
 )
 from pretrain_det3d.utils.registry import Registry
 
@@ -102,7 +101,7 @@ class PretrainingTrainer(IterationTrainer):
     def fingerprint_model(self) -> dict[str, Any]:
         """Method, preset, input channels and the method's own settings (the keys the training loop does not
         read), for the run fingerprint."""
-        training_keys = set(settings_as_dict(self.settings))
+        training_keys = set(TrainingSettings.model_fields)
         own = {k: v for k, v in sorted(self.method_settings.items())
                if k not in training_keys and k not in NON_RESULT_SETTINGS}
         return {"method": self.method, "preset": self.preset, "in_channels": self.in_channels, "settings": own}

@@ -61,13 +61,11 @@ def suggestion(key: str, allowed: list[str]) -> str:
 
 
 def _path(where: str, loc: tuple) -> str:
-    parts = [where] if where else []
+    """``where`` extended by ``loc``: names joined with dots, list positions as ``[i]``."""
+    text = where
     for item in loc:
-        if isinstance(item, int):
-            parts[-1 if parts else 0:] = [f"{parts[-1] if parts else ''}[{item}]"]
-        else:
-            parts.append(str(item))
-    return ".".join(parts)
+        text += f"[{item}]" if isinstance(item, int) else f".{item}" if text else str(item)
+    return text
 
 
 def _walk(model: type[BaseModel], loc: tuple) -> tuple[tuple, type[BaseModel] | None]:

@@ -6,9 +6,9 @@ classes, so a default is written once. Values follow the project's current recip
 are tracked in docs/settings.md and the detector issue.
 
 Example:
-    >>> s = RetinaUNetSettings.parse({"iterations": "50", "fpn_channels": 32}, where="detectors.retina_unet")
+    >>> s = RetinaUNetSettings.parse({"iterations": "500", "fpn_channels": 32}, where="detectors.retina_unet")
     >>> s.iterations, s.fpn_channels, s.optimizer
-    (50, 32, 'sgd')
+    (500, 32, 'sgd')
     >>> DeformableDETRSettings.default("optimizer"), DeformableDETRSettings.default("warmup_iterations")
     ('adamw', 10000)
 """

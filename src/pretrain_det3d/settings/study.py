@@ -10,11 +10,11 @@ Example:
     ...                  "folds": ["0"], "num_folds": "2"},
     ...        "datasets": {"d": {"source": "synthetic", "synthetic": {"num_cases": 4, "shape": [16, 16, 16],
     ...                     "spacing": [1, 1, 1]}}},
-    ...        "detectors": {"retina_unet": {"patch_size": [16, 16, 16], "iterations": "5"}},
+    ...        "detectors": {"retina_unet": {"patch_size": [16, 16, 16], "iterations": "500"}},
     ...        "pretraining": {"corpus": {"name": "c", "source": "synthetic"}, "methods": {}}}
     >>> validate_study_config(cfg)
     >>> cfg["seed"], cfg["study"]["folds"], cfg["detectors"]["retina_unet"]["iterations"]
-    (0, [0], 5)
+    (0, [0], 500)
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pydantic import Field
 from pretrain_det3d.settings.base import ConfigError, Settings, suggestion
 from pretrain_det3d.settings.converters import converter_settings_class
 from pretrain_det3d.settings.data import CorpusEntry, DatasetEntry
-from pretrain_det3d.settings.detectors import DETECTOR_SETTINGS, detector_settings_class
-from pretrain_det3d.settings.pretraining import METHOD_SETTINGS, method_settings_class
+from pretrain_det3d.settings.detectors import detector_settings_class
+from pretrain_det3d.settings.pretraining import method_settings_class
 
 #: rules whose threads, memory and runtime the ``resources`` section may set (``default``: every rule)
 RESOURCE_RULES: tuple[str, ...] = (
@@ -123,8 +123,7 @@ class StudyConfig(Settings):
                                                    "threads, mem_mb, runtime.")
 
 
-def _validated_entries(entries: Mapping[str, Any], where: str, registry: Mapping[str, type],
-                       name_key: str, lookup) -> dict[str, dict[str, Any]]:
+def _validated_entries(entries: Mapping[str, Any], where: str, name_key: str, lookup) -> dict[str, dict[str, Any]]:
     checked = {}
     for name, entry in entries.items():
         if not isinstance(entry, Mapping):
@@ -148,11 +147,10 @@ def validate_study_config(config: dict[str, Any]) -> None:
             raise ConfigError(f"config key 'resources.{rule}': unknown rule;{suggestion(rule, list(RESOURCE_RULES))} "
                               f"Allowed: {', '.join(RESOURCE_RULES)}")
     validated = top.model_dump(mode="json", exclude_unset=True)
-    validated["detectors"] = _validated_entries(config["detectors"], "detectors", DETECTOR_SETTINGS, "detector",
+    validated["detectors"] = _validated_entries(config["detectors"], "detectors", "detector",
                                                 detector_settings_class)
     validated["pretraining"]["methods"] = _validated_entries(
-        config["pretraining"].get("methods") or {}, "pretraining.methods", METHOD_SETTINGS, "method",
-        method_settings_class)
+        config["pretraining"].get("methods") or {}, "pretraining.methods", "method", method_settings_class)
     for name, entry in (config.get("datasets") or {}).items():
         if entry.get("converter") is not None:
             where = f"datasets.{name}.convert"

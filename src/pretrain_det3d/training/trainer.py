@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import datetime
 import hashlib
 import logging
@@ -59,7 +58,7 @@ import torch
 from tqdm import tqdm
 
 from pretrain_det3d import __version__
-from pretrain_det3d.settings.training import GRAD_CLIP_NORM, TrainingSettings  # noqa: F401 (re-exported)
+from pretrain_det3d.settings.training import GRAD_CLIP_NORM, TrainingSettings  # noqa: F401 (GRAD_CLIP_NORM re-exported)
 from pretrain_det3d.training.dataloader import CaseRecord, PatchBatchStream, build_loader
 from pretrain_det3d.training.schedule import PolyWarmupSchedule, build_optimizer
 from pretrain_det3d.utils.atomic import atomic_path, save_torch
@@ -345,36 +344,6 @@ def move_to_device(obj: Any, device: torch.device, non_blocking: bool = True) ->
     return obj
 
 
-def settings_as_dict(settings: Any) -> dict[str, Any]:
-    """The fields of a settings object as a plain dict: a dataclass, a pydantic model or a mapping.
-
-    Example:
-        >>> settings_as_dict(TrainingSettings(iterations=700))["iterations"]
-        700
-    """
-    if hasattr(settings, "model_dump"):  # pydantic v2 BaseModel
-        return dict(settings.model_dump())
-    if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
-        return dataclasses.asdict(settings)
-    if isinstance(settings, Mapping):
-        return dict(settings)
-    raise TypeError(f"settings must be a dataclass, a pydantic model or a mapping, got {type(settings).__name__}")
-
-
-def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in chunks (checkpoints can be GBs).
-
-    Example:
-        >>> file_sha256("results/pretrain/mae/checkpoint_final.pth")  # doctest: +SKIP
-        '3b0c...'
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def code_versions() -> dict[str, Any]:
     """Versions that decide how a checkpoint is read and what training computes: this package, the checkpoint
     format, and torch's major.minor (patch releases do not change the maths we rely on).
@@ -388,7 +357,7 @@ def code_versions() -> dict[str, Any]:
 
 
 def run_fingerprint(
-    settings: Any,
+    settings: TrainingSettings,
     *,
     model: Mapping[str, Any],
     case_ids: Sequence[str],
@@ -407,7 +376,7 @@ def run_fingerprint(
         >>> fp["training"]["iterations"], "threads" in fp["training"], fp["cases"], fp["init_checkpoint_sha256"]
         (500, False, ['case_000'], None)
     """
-    training = {k: v for k, v in settings_as_dict(settings).items() if k not in NON_RESULT_SETTINGS}
+    training = {k: v for k, v in settings.model_dump().items() if k not in NON_RESULT_SETTINGS}
     return _plain({
         "training": training,
         "model": dict(model),
@@ -703,7 +672,7 @@ class IterationTrainer:
 
     # ----------------------------------------------------------------- hooks a subclass may override
     def configure_optimizer(self) -> torch.optim.Optimizer:
-        return build_optimizer(self.model.parameters(), settings_as_dict(self.settings))
+        return build_optimizer(self.model.parameters(), self.settings.model_dump())
 
     def configure_schedule(self) -> PolyWarmupSchedule:
         s = self.settings
@@ -825,7 +794,7 @@ class IterationTrainer:
             "scaler": self.scaler.state_dict(),
             "rng": capture_rng_states(),
             "data": {"next_batch": self.iteration, "seed": self.seed},
-            "settings": _plain(settings_as_dict(self.settings)),
+            "settings": self.settings.as_dict(),
         }
 
     def checkpoint_problems(self, state: Mapping[str, Any]) -> list[str]:
@@ -1024,7 +993,9 @@ class DetectorTrainer(IterationTrainer):
         return {"detector": self.detector, "build_kwargs": build_kwargs}
 
     def init_checkpoint_sha256(self) -> str | None:
-        return None if self.init_checkpoint is None else file_sha256(self.init_checkpoint)
+        from pretrain_det3d.data.download import file_digest  # reads in chunks: checkpoints can be GBs
+
+        return None if self.init_checkpoint is None else file_digest(self.init_checkpoint, "sha256")
 
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.model.compute_losses(batch["images"], batch["targets"], batch["seg"])
@@ -1036,7 +1007,7 @@ class DetectorTrainer(IterationTrainer):
         fingerprint = self.fingerprint
         extra = {**self.extra, "iterations": self.iteration, "seed": fingerprint["seed"],
                  "init_checkpoint_sha256": fingerprint["init_checkpoint_sha256"],
-                 "settings": _plain(settings_as_dict(self.settings)), "fingerprint": fingerprint}
+                 "settings": self.settings.as_dict(), "fingerprint": fingerprint}
         save_detector(self.out_dir / MODEL_FINAL, self.model.cpu(), self.detector, self.build_kwargs, extra)
         self.model.to(self.device)
 

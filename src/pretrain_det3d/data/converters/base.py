@@ -30,6 +30,8 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from pretrain_det3d.data.io import ConvertedCase, write_case, write_dataset_json
+from pretrain_det3d.settings.base import ConfigError
+from pretrain_det3d.settings.converters import CONVERTER_SETTINGS
 from pretrain_det3d.utils.atomic import atomic_directory
 from pretrain_det3d.utils.registry import Registry
 
@@ -75,9 +77,6 @@ class DatasetConverter(ABC):
     source: str = ""
 
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
-        from pretrain_det3d.settings.base import ConfigError
-        from pretrain_det3d.settings.converters import CONVERTER_SETTINGS
-
         settings_class = CONVERTER_SETTINGS.get(self.dataset_name)
         if settings_class is not None:  # the one definition of the options: unknown keys and wrong types fail
             try:
