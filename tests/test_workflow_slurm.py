@@ -135,8 +135,9 @@ def test_trainer_saves_on_the_time_limit_warning(tmp_path, slurm_cluster, monkey
     assert result.returncode != 0, "pre-training of a million iterations finished within three minutes?"
     assert "--signal=TERM@60" in output, "the job was not submitted with the profile's signal"
     log = (tmp_path / "results/logs/pretrain/mae.log").read_text()
-    attempts = re.split(r"\n===== .* pretrain  attempt on .* \(SLURM job (\d+)\) =====\n", log)[1:]
-    job_ids, texts = attempts[0::2], attempts[1::2]
+    attempts = re.split(r"\n===== .* pretrain  attempt (\d+)  on .* \(SLURM job (\d+)\) =====\n", log)[1:]
+    numbers, job_ids, texts = attempts[0::3], attempts[1::3], attempts[2::3]
+    assert numbers == ["1", "2"], f"attempts numbered 1, 2 expected, got {numbers}"
     assert len(job_ids) == 2 and len(set(job_ids)) == 2, f"two attempts as two SLURM jobs expected:\n{log[-3000:]}"
     stopped_at = []
     for text in texts:

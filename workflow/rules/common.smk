@@ -71,20 +71,11 @@ def as_json(obj):
     return json.dumps(obj, sort_keys=True)
 
 
-# Every rule's shell command starts with LOG_ATTEMPT and ends in `>> {log:q} 2>&1`:
-#   - each attempt appends to the log under a header (time, rule, host, SLURM job), so the log of a job that was
-#     retried after a time limit shows every attempt. Snakemake deletes a job's `log:` file before each attempt,
-#     so the attempts are kept in `<log name>.attempts.log` and `{log}` is a hard link to it (the same file under
-#     the name Snakemake knows; where hard links fail, `{log}` holds the latest attempt only);
-#   - `exec` makes the program the process Snakemake (and, on SLURM, the job step) runs, with no shell in between
-#     that a signal would kill: the time-limit SIGTERM of profiles/slurm reaches the trainer, which saves.
-LOG_ATTEMPT = (
-    'attempts={log:q}; attempts="${{attempts%.log}}.attempts.log"; : >> "$attempts"; '
-    'ln -f "$attempts" {log:q} 2>/dev/null || true; '
-    'printf "\\n===== %s  %s  attempt on %s  (SLURM job %s) =====\\n" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" '
-    '{rule:q} "$(hostname)" "${{SLURM_JOB_ID:-none}}" >> {log:q}; '
-    "exec "
-)
+# Every rule's shell command is `exec python -m pretrain_det3d.utils.attempt_log <rule> {log:q} <command>`:
+# each attempt appends to the log under a header (time, rule, attempt number, host, SLURM job), kept across the
+# retries after a time limit (Snakemake deletes `{log}` before each attempt, so the attempts live in
+# `<log name>.attempts.log` and `{log}` is a hard link to it), and the command replaces the shell and the wrapper
+# so that the time-limit SIGTERM of profiles/slurm reaches the trainer (see that module's docstring).
 
 
 def rule_threads(rule_name):

@@ -19,8 +19,8 @@ rule synthesize_dataset:
     resources:
         **rule_resources("synthesize_dataset"),
     shell:
-        LOG_ATTEMPT + "python -m pretrain_det3d synthesize-dataset --out {output} --name {wildcards.dataset} "
-        "--settings {params.settings:q} --seed {params.seed} >> {log:q} 2>&1"
+        "exec python -m pretrain_det3d.utils.attempt_log synthesize_dataset {log:q} python -m pretrain_det3d synthesize-dataset --out {output} --name {wildcards.dataset} "
+        "--settings {params.settings:q} --seed {params.seed}"
 
 
 rule download_source:
@@ -39,7 +39,7 @@ rule download_source:
     resources:
         **rule_resources("download_source"),
     shell:
-        LOG_ATTEMPT + "python -m pretrain_det3d download --source-json {params.entry:q} --out {params.out_dir} >> {log:q} 2>&1"
+        "exec python -m pretrain_det3d.utils.attempt_log download_source {log:q} python -m pretrain_det3d download --source-json {params.entry:q} --out {params.out_dir}"
 
 
 rule convert_dataset:
@@ -63,8 +63,8 @@ rule convert_dataset:
     resources:
         **rule_resources("convert_dataset"),
     shell:
-        LOG_ATTEMPT + "python -m pretrain_det3d convert --converter {params.converter} --source {params.source_dir} "
-        "--out {output} --settings {params.settings:q} >> {log:q} 2>&1"
+        "exec python -m pretrain_det3d.utils.attempt_log convert_dataset {log:q} python -m pretrain_det3d convert --converter {params.converter} --source {params.source_dir} "
+        "--out {output} --settings {params.settings:q}"
 
 
 rule check_dataset:
@@ -82,7 +82,7 @@ rule check_dataset:
     resources:
         **rule_resources("check_dataset"),
     shell:
-        LOG_ATTEMPT + "python -m pretrain_det3d check-dataset --root {input} --out {output} >> {log:q} 2>&1"
+        "exec python -m pretrain_det3d.utils.attempt_log check_dataset {log:q} python -m pretrain_det3d check-dataset --root {input} --out {output}"
 
 
 rule preprocess_dataset:
@@ -108,8 +108,8 @@ rule preprocess_dataset:
     resources:
         **rule_resources("preprocess_dataset"),
     shell:
-        LOG_ATTEMPT + "python -m pretrain_det3d preprocess --converted {input.converted} --out {params.out} --num-folds {params.num_folds} "
-        "--seed {params.seed} --settings {params.settings:q} >> {log:q} 2>&1"
+        "exec python -m pretrain_det3d.utils.attempt_log preprocess_dataset {log:q} python -m pretrain_det3d preprocess --converted {input.converted} --out {params.out} --num-folds {params.num_folds} "
+        "--seed {params.seed} --settings {params.settings:q}"
 
 
 rule synthesize_corpus:
@@ -128,7 +128,7 @@ rule synthesize_corpus:
     resources:
         **rule_resources("synthesize_corpus"),
     shell:
-        LOG_ATTEMPT + "python -m pretrain_det3d synthesize-corpus --out {output} --settings {params.settings:q} --seed {params.seed} >> {log:q} 2>&1"
+        "exec python -m pretrain_det3d.utils.attempt_log synthesize_corpus {log:q} python -m pretrain_det3d synthesize-corpus --out {output} --settings {params.settings:q} --seed {params.seed}"
 
 
 rule preprocess_corpus:
@@ -150,4 +150,4 @@ rule preprocess_corpus:
     resources:
         **rule_resources("preprocess_corpus"),
     shell:
-        LOG_ATTEMPT + "python -m pretrain_det3d preprocess-corpus --corpus {input} --out {params.out} --settings {params.settings:q} >> {log:q} 2>&1"
+        "exec python -m pretrain_det3d.utils.attempt_log preprocess_corpus {log:q} python -m pretrain_det3d preprocess-corpus --corpus {input} --out {params.out} --settings {params.settings:q}"

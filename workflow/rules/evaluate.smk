@@ -19,8 +19,8 @@ rule evaluate:
     resources:
         **rule_resources("evaluate"),
     shell:
-        LOG_ATTEMPT + "python -m pretrain_det3d evaluate --predictions {input.predictions} --converted {input.converted} --splits {input.splits} "
-        "--fold {wildcards.fold} --out-json {output.metrics} --out-csv {output.cases} >> {log:q} 2>&1"
+        "exec python -m pretrain_det3d.utils.attempt_log evaluate {log:q} python -m pretrain_det3d evaluate --predictions {input.predictions} --converted {input.converted} --splits {input.splits} "
+        "--fold {wildcards.fold} --out-json {output.metrics} --out-csv {output.cases}"
 
 
 rule export_luna16:
@@ -40,5 +40,5 @@ rule export_luna16:
     resources:
         **rule_resources("export_luna16"),
     shell:
-        LOG_ATTEMPT + "python -m pretrain_det3d export-luna16 --predictions {input.predictions} --converted {input.converted} "
-        "--splits {input.splits} --fold {wildcards.fold} --out {output} >> {log:q} 2>&1"
+        "exec python -m pretrain_det3d.utils.attempt_log export_luna16 {log:q} python -m pretrain_det3d export-luna16 --predictions {input.predictions} --converted {input.converted} "
+        "--splits {input.splits} --fold {wildcards.fold} --out {output}"

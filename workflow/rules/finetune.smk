@@ -26,9 +26,9 @@ rule finetune:
     resources:
         **rule_resources("finetune"),
     shell:
-        LOG_ATTEMPT + "python -m pretrain_det3d finetune --preprocessed {params.preprocessed} --fold {wildcards.fold} --detector {params.detector} "
+        "exec python -m pretrain_det3d.utils.attempt_log finetune {log:q} python -m pretrain_det3d finetune --preprocessed {params.preprocessed} --fold {wildcards.fold} --detector {params.detector} "
         "--settings {params.settings:q} {params.init_arg} --out-dir {params.out_dir} --seed {params.seed} "
-        "--threads {threads} >> {log:q} 2>&1"
+        "--threads {threads}"
 
 
 rule predict:
@@ -51,5 +51,5 @@ rule predict:
     resources:
         **rule_resources("predict"),
     shell:
-        LOG_ATTEMPT + "python -m pretrain_det3d predict --model {input.model} --preprocessed {params.preprocessed} --fold {wildcards.fold} "
-        "--settings {params.settings:q} --out-dir {output} --threads {threads} >> {log:q} 2>&1"
+        "exec python -m pretrain_det3d.utils.attempt_log predict {log:q} python -m pretrain_det3d predict --model {input.model} --preprocessed {params.preprocessed} --fold {wildcards.fold} "
+        "--settings {params.settings:q} --out-dir {output} --threads {threads}"

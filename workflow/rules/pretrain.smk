@@ -23,8 +23,8 @@ rule pretrain:
     resources:
         **rule_resources("pretrain"),
     shell:
-        LOG_ATTEMPT + "python -m pretrain_det3d pretrain --corpus {params.corpus} --method {params.method_class} --settings {params.settings:q} "
-        "--out {output} --seed {params.seed} --threads {threads} >> {log:q} 2>&1"
+        "exec python -m pretrain_det3d.utils.attempt_log pretrain {log:q} python -m pretrain_det3d pretrain --corpus {params.corpus} --method {params.method_class} --settings {params.settings:q} "
+        "--out {output} --seed {params.seed} --threads {threads}"
 
 
 rule fetch_published_checkpoint:
@@ -44,5 +44,5 @@ rule fetch_published_checkpoint:
     resources:
         **rule_resources("fetch_published_checkpoint"),
     shell:
-        LOG_ATTEMPT + "python -m pretrain_det3d fetch-checkpoint --entry {params.entry:q} --name {wildcards.method} "
-        "--out {output} >> {log:q} 2>&1"
+        "exec python -m pretrain_det3d.utils.attempt_log fetch_published_checkpoint {log:q} python -m pretrain_det3d fetch-checkpoint --entry {params.entry:q} --name {wildcards.method} "
+        "--out {output}"

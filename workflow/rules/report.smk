@@ -30,8 +30,8 @@ rule aggregate:
     resources:
         **rule_resources("aggregate"),
     shell:
-        LOG_ATTEMPT + "python -m pretrain_det3d aggregate --runs {params.runs:q} --out-csv {output.table} --out-md {output.markdown} "
-        "--runs-csv {output.runs} >> {log:q} 2>&1"
+        "exec python -m pretrain_det3d.utils.attempt_log aggregate {log:q} python -m pretrain_det3d aggregate --runs {params.runs:q} --out-csv {output.table} --out-md {output.markdown} "
+        "--runs-csv {output.runs}"
 
 
 # One rule per figure and per table (captions differ, and a report caption cannot hold a wildcard).
@@ -64,8 +64,8 @@ for _figure in REPORT_FIGURES:
         resources:
             **rule_resources("figure"),
         shell:
-            LOG_ATTEMPT + "python -m pretrain_det3d figure --name {params.name} {params.inputs} --settings {params.settings:q} "
-            "--out-png {output.png} --out-pdf {output.pdf} >> {log:q} 2>&1"
+            "exec python -m pretrain_det3d.utils.attempt_log aggregate {log:q} python -m pretrain_det3d figure --name {params.name} {params.inputs} --settings {params.settings:q} "
+            "--out-png {output.png} --out-pdf {output.pdf}"
 
 
 for _table, _formats in REPORT_TABLES.items():
@@ -100,5 +100,5 @@ for _table, _formats in REPORT_TABLES.items():
         resources:
             **rule_resources("table"),
         shell:
-            LOG_ATTEMPT + "python -m pretrain_det3d table --name {params.name} {params.inputs} --settings {params.settings:q} "
-            "{params.outputs} >> {log:q} 2>&1"
+            "exec python -m pretrain_det3d.utils.attempt_log aggregate {log:q} python -m pretrain_det3d table --name {params.name} {params.inputs} --settings {params.settings:q} "
+            "{params.outputs}"
