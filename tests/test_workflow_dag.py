@@ -115,3 +115,10 @@ def test_published_checkpoint_replaces_pretraining(tmp_path, snakemake_runner):
     assert counts["fetch_published_checkpoint"] == 1 and "pretrain" not in counts
     assert counts["finetune"] == 2 * len(config["study"]["folds"]) * len(config["study"]["detectors"])
     assert "results/pretrain/authors_mae/checkpoint_final.pth" in result.stdout
+
+
+def test_workflow_passes_snakemakes_linter(tmp_path, snakemake_runner):
+    # The catalog's standard: rules without path composition or shell logic the linter flags.
+    result = snakemake_runner(tmp_path, "--lint", configfile=REPO / "config/config.yaml", check=False)
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr, (
+        result.stdout[-4000:] + result.stderr[-4000:])
