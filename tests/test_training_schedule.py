@@ -73,3 +73,13 @@ def test_sgd_step_matches_hand_computed_nesterov_update():
 def test_unknown_optimizer_names_the_key():
     with pytest.raises(ValueError, match="'optimizer'"):
         build_optimizer(torch.nn.Linear(1, 1).parameters(), {"optimizer": "rmsprop", "lr": 1, "weight_decay": 0})
+
+
+def test_warmup_starts_from_the_start_rate_like_nndetection():
+    # nnDetection's LinearWarmupPolyLR: step k (1-based) of W warm-up steps has s + (b - s) * k / W; then poly over
+    # the remaining T - W steps. Hand-worked: b = 0.01, s = 1e-6, W = 4, T = 12.
+    schedule = PolyWarmupSchedule(base_lr=0.01, max_iterations=12, warmup_iterations=4, start_lr=1e-6)
+    expected_warmup = [1e-6 + (0.01 - 1e-6) * k / 4 for k in (1, 2, 3, 4)]
+    assert [schedule(i) for i in range(4)] == pytest.approx(expected_warmup, rel=1e-12)
+    assert schedule(4) == pytest.approx(0.01)
+    assert schedule(6) == pytest.approx(0.01 * (1 - 2 / 8) ** 0.9, rel=1e-12)

@@ -93,6 +93,8 @@ class TrainingSettings(Settings):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Nesterov).")
     weight_decay: float = Field(3e-5, ge=0, description="Weight decay.")
     warmup_iterations: int = Field(100, ge=0, description="Linear warm-up steps (must be below iterations).")
+    warmup_start_lr: float = Field(1e-6, ge=0, description="Learning rate the linear warm-up "
+                                   "starts from (nnDetection's warm_lr).")
     grad_clip: float | None = Field(GRAD_CLIP_NORM, gt=0, description="Gradient-norm clipping; null: off.")
     checkpoint_every: int = Field(100, gt=0, description="Write checkpoint_latest.pth every this many steps.")
     num_workers: int = Field(0, ge=0, description="Data-loading worker processes (0: in the training process).")

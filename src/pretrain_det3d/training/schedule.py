@@ -5,10 +5,12 @@ The schedule is a pure function of the iteration, so resuming needs nothing but 
 Exact formula, with base learning rate ``b``, warm-up length ``W`` and total iterations ``T`` (``it`` counts
 from 0, and the rate returned is the one used for the update of iteration ``it``)::
 
-    it <  W:  lr(it) = b * (it + 1) / W                          (linear ramp from b / W up to b)
+    it <  W:  lr(it) = s + (b - s) * (it + 1) / W                (linear ramp from the start rate s up to b)
     it >= W:  lr(it) = b * (1 - (it - W) / (T - W)) ** 0.9       (poly decay from b towards 0)
 
-With ``W = 0`` this is nnU-Net's poly schedule ``b * (1 - it / T) ** 0.9``.
+With ``W = 0`` this is nnU-Net's poly schedule ``b * (1 - it / T) ** 0.9``; with ``s = 1e-6`` (the default of
+``warmup_start_lr``) it is nnDetection's ``LinearWarmupPolyLR`` as its trainer configs set it
+(``warm_lr: 1.e-6``, ``poly_gamma: 0.9``; the poly phase spans the iterations after the warm-up).
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ class PolyWarmupSchedule:
         >>> schedule = PolyWarmupSchedule(base_lr=0.01, max_iterations=100, warmup_iterations=10)
         >>> round(schedule(0), 6), round(schedule(9), 6), round(schedule(10), 6)
         (0.001, 0.01, 0.01)
+        >>> round(PolyWarmupSchedule(base_lr=0.01, max_iterations=100, warmup_iterations=10, start_lr=0.001)(0), 6)
+        0.0019
     """
 
     base_lr: float
     max_iterations: int
     warmup_iterations: int = 0
     exponent: float = POLY_EXPONENT
+    start_lr: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_iterations <= 0:
@@ -50,7 +55,7 @@ class PolyWarmupSchedule:
 
     def __call__(self, iteration: int) -> float:
         if iteration < self.warmup_iterations:
-            return self.base_lr * (iteration + 1) / self.warmup_iterations
+            return self.start_lr + (self.base_lr - self.start_lr) * (iteration + 1) / self.warmup_iterations
         decay_span = self.max_iterations - self.warmup_iterations
         progress = min(max(iteration - self.warmup_iterations, 0), decay_span) / decay_span
         return self.base_lr * (1.0 - progress) ** self.exponent

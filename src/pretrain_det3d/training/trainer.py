@@ -676,7 +676,8 @@ class IterationTrainer:
 
     def configure_schedule(self) -> PolyWarmupSchedule:
         s = self.settings
-        return PolyWarmupSchedule(base_lr=s.lr, max_iterations=s.iterations, warmup_iterations=s.warmup_iterations)
+        return PolyWarmupSchedule(base_lr=s.lr, max_iterations=s.iterations, warmup_iterations=s.warmup_iterations,
+                                  start_lr=s.warmup_start_lr)
 
     def configure_amp_dtype(self) -> torch.dtype | None:
         """The autocast dtype, or ``None`` for full precision (see :func:`resolve_amp_dtype`)."""
