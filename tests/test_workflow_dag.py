@@ -56,6 +56,10 @@ def test_paper_config_has_the_papers_training_setup():
     retina = paper["detectors"]["retina_unet"]
     assert retina["patch_size"] == [128, 128, 128] and retina["batch_size"] == 4
     assert (retina["optimizer"], retina["lr"], retina["momentum"], retina["warmup_iterations"]) == ("sgd", 0.01, 0.9, 4000)
+    assert retina["iterations"] == 50 * 2500  # nnDetection's sgd_base: 50 epochs of 2500 batches
+    detr = paper["detectors"]["deformable_detr"]
+    assert (detr["optimizer"], detr["lr"], detr["weight_decay"]) == ("adamw", 3e-4, 1e-4)
+    assert detr["iterations"] == 100 * 2500  # adamw_100ep_high_lr_wd: 100 epochs of 2500 batches
     assert paper["study"]["num_folds"] == 5 and len(paper["study"]["datasets"]) == 8
 
 
