@@ -40,10 +40,11 @@ Triple = Annotated[
 
 
 class AugmentationSettings(Settings):
-    """Probabilities and ranges of every augmentation (nnU-Net / nnDetection 3D defaults).
+    """Probabilities and ranges of every augmentation: nnDetection's ``more_modular_ord1`` (the authors' release).
 
     Angles are in degrees and drawn per axis; ``scaling_range`` multiplies the sampling grid (a factor above 1
-    shows more of the image, so objects look smaller). Set a probability to 0 to switch a transform off.
+    shows more of the image, so objects look smaller; half the draws fall below 1, half above, as nnDetection
+    draws them; so do the contrast and gamma factors). Set a probability to 0 to switch a transform off.
     ``training.augmentation`` builds the transforms from it (there it is also named ``AugmentationParams``).
 
     Example:
@@ -60,6 +61,11 @@ class AugmentationSettings(Settings):
     mirror_axes: tuple[int, ...] = Field((0, 1, 2), description="Axes mirrored with probability 0.5 each.")
     p_noise: float = Field(0.1, ge=0, le=1, description="Probability of Gaussian noise.")
     noise_variance: tuple[float, float] = Field((0.0, 0.1), description="Noise variance range.")
+    p_blur: float = Field(0.2, ge=0, le=1, description="Probability of a Gaussian blur (per sample).")
+    p_blur_per_channel: float = Field(0.5, ge=0, le=1, description="Probability that a blurred sample's channel "
+                                      "is blurred (each channel its own sigma).")
+    blur_sigma: tuple[float, float] = Field((0.5, 1.0), description="Gaussian blur sigma range (voxels, the same "
+                                            "on every axis).")
     p_brightness: float = Field(0.15, ge=0, le=1, description="Probability of a multiplicative brightness change.")
     brightness_range: tuple[float, float] = Field((0.75, 1.25), description="Brightness factor range.")
     p_contrast: float = Field(0.15, ge=0, le=1, description="Probability of a contrast change.")
@@ -101,7 +107,8 @@ class TrainingSettings(Settings):
     augmentation: bool | AugmentationSettings = Field(
         True, description="true: the default augmentation; false: none; a mapping: overrides of the "
         "augmentation settings (below).")
-    foreground_fraction: float = Field(0.5, ge=0, le=1, description="Share of patches centred on an object.")
+    foreground_fraction: float = Field(0.5, ge=0, le=1, description="Share of each batch's patches placed around "
+                                       "an object (class, then object drawn uniformly; nnDetection's obj_bal).")
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda[:i]'.")
     threads: int | None = Field(None, gt=0, description="torch.set_num_threads; null leaves torch's choice.")
     mixed_precision: bool = Field(True, description="Autocast on CUDA (see amp_dtype).")

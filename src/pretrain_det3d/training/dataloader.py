@@ -1,4 +1,19 @@
-"""Batches of training patches from preprocessed cases, with foreground oversampling.
+"""Batches of training patches from preprocessed cases, with object-balanced foreground oversampling.
+
+Sampling follows nnDetection's ``offsetV2_obj_bal`` (``DataLoader3DOffsetObjectBalanced``, the authors' release):
+
+- of each batch, the first ``round(batch_size * (1 - foreground_fraction))`` samples are background samples, the
+  rest foreground samples (with the default 0.5 and a batch of 4: exactly two of each);
+- a background sample takes a case uniformly and a patch position uniformly where the patch lies inside it;
+- a foreground sample takes a class uniformly among the classes with objects, then an object of that class
+  uniformly among all objects of the dataset (so a 3^3 nodule is picked as often as a 40^3 one, and a case with
+  many objects more often than a case with one), then a patch position around that object: on each axis the
+  object stays inside the patch at a random offset whose range is shrunk by ``OFFSET_MAGNITUDE`` towards the
+  centred position; along an axis where the object spans at least ``MAX_OBJECT_FRACTION`` of the patch the patch
+  centre is a random voxel of the object, and along an axis where the case is not larger than the extracted region
+  the patch is centred on the case;
+- cases without objects take part in background samples only; a dataset without any object gives background
+  samples only.
 
 Every batch is a pure function of ``(seed, batch_index)``: the patch positions come from a numpy generator
 seeded with ``[seed, batch_index, sample]`` and the augmentation from the same triple. Workers split the
@@ -22,12 +37,13 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain_det3d.data.boxes import boxes_from_instance_map
@@ -35,9 +51,11 @@ from pretrain_det3d.data.io import load_npy
 from pretrain_det3d.training.augmentation import AugmentationParams, PatchAugmenter
 
 FOREGROUND_FRACTION = 0.5
-# a foreground patch is centred on a foreground voxel shifted by up to this fraction of the patch per axis,
-# so objects are not always in the middle of the patch
-FOREGROUND_JITTER = 0.25
+# nnDetection's offsetV2_obj_bal (dataloader_kwargs): offset_magn 0.7 shrinks the range of offsets of the object
+# inside the patch by 30 % towards the centred position; max_size_pct 0.7: along an axis where the object's box
+# spans at least 70 % of the patch, the patch centre is a random voxel of the object instead
+OFFSET_MAGNITUDE = 0.7
+MAX_OBJECT_FRACTION = 0.7
 IMAGE_PAD_VALUE = 0.0  # images are normalised, so 0 is the mean intensity
 SEG_PAD_VALUE = 0  # background
 DEFAULT_PREFETCH_FACTOR = 2  # batches each loader process prepares ahead
@@ -52,6 +70,55 @@ class CaseRecord:
     seg_path: Path | None
     instances: dict[int, int]  # instance id -> class index
     foreground_locations: np.ndarray  # [N, 3] voxel indices (z, y, x) inside instances
+    # the objects the foreground sampler picks from: their ids [K] and voxel extents [K, 6]
+    # (start z, y, x, stop z, y, x: the slice of the object's voxels, whatever the box convention)
+    object_ids: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))
+    object_extents: np.ndarray = field(default_factory=lambda: np.zeros((0, 6), dtype=np.int64))
+
+
+def object_extents(seg: np.ndarray, ids: Sequence[int], boxes: Sequence[Sequence[float]] | None = None) -> np.ndarray:
+    """Voxel extents ``[K, 6]`` (start, stop per axis) of the instances ``ids`` in the instance map ``seg``.
+
+    ``boxes`` (the case metadata's boxes, one per id in order) only tell where to look: each object is found in
+    its box grown by one voxel, so only that part of a memory-mapped map is read and the box convention does not
+    matter. Without boxes, or where a box does not hold its whole object, the whole map is scanned.
+
+    Example:
+        >>> m = np.zeros((4, 5, 6), np.int16); m[1:3, 2, 1:4] = 2; m[0, 0, 0] = 1
+        >>> object_extents(m, [1, 2]).tolist()
+        [[0, 0, 0, 1, 1, 1], [1, 2, 1, 3, 3, 4]]
+        >>> object_extents(m, [1, 2], boxes=[[0, 0, 0, 1, 1, 1], [1, 2, 1, 3, 3, 4]]).tolist()
+        [[0, 0, 0, 1, 1, 1], [1, 2, 1, 3, 3, 4]]
+    """
+    ids = [int(i) for i in ids]
+    shape = seg.shape
+    if boxes is not None and len(boxes) == len(ids):
+        extents = []
+        for instance_id, box in zip(ids, boxes):
+            lo = [max(int(np.floor(v)) - 1, 0) for v in box[:3]]
+            hi = [min(int(np.ceil(v)) + 1, n) for v, n in zip(box[3:], shape)]
+            if any(b <= a for a, b in zip(lo, hi)):
+                break
+            found = ndimage.find_objects((np.asarray(seg[tuple(slice(a, b) for a, b in zip(lo, hi))]) == instance_id)
+                                         .astype(np.int8))
+            if not found or found[0] is None:
+                break
+            start = [a + sl.start for a, sl in zip(lo, found[0])]
+            stop = [a + sl.stop for a, sl in zip(lo, found[0])]
+            # an object reaching the window's edge (inside the map) may go on beyond it: the box was not its own
+            if any((b0 == a and a > 0) or (b1 == b and b < n) for b0, b1, a, b, n in zip(start, stop, lo, hi, shape)):
+                break
+            extents.append(start + stop)
+        else:
+            return np.asarray(extents, dtype=np.int64).reshape(-1, 6)
+    slices = ndimage.find_objects(np.asarray(seg), max_label=max(ids, default=0))  # ignores labels <= 0
+    extents = []
+    for instance_id in ids:
+        sl = slices[instance_id - 1] if 0 < instance_id <= len(slices) else None
+        if sl is None:
+            raise ValueError(f"instance {instance_id} has no voxels in the instance map")
+        extents.append([s.start for s in sl] + [s.stop for s in sl])
+    return np.asarray(extents, dtype=np.int64).reshape(-1, 6)
 
 
 def load_case_records(preprocessed_root: str | Path, case_ids: Sequence[str], with_labels: bool = True) -> list[CaseRecord]:
@@ -79,7 +146,15 @@ def load_case_records(preprocessed_root: str | Path, case_ids: Sequence[str], wi
             locations = np.asarray(meta.get("foreground_locations", []), dtype=np.int64).reshape(-1, 3)
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{meta_path}: malformed 'instances' or 'foreground_locations' ({error})") from None
-        records.append(CaseRecord(case, image_path, seg_path, instances, locations))
+        seg = load_npy(seg_path, mmap_mode="r")
+        boxes = meta.get("boxes")
+        present = sorted(instances)
+        try:
+            extents = object_extents(seg, present, boxes)
+        except ValueError as error:  # an instance listed in the metadata that the map does not hold
+            raise ValueError(f"{seg_path}: {error} (listed in {meta_path.name})") from None
+        records.append(CaseRecord(case, image_path, seg_path, instances, locations,
+                                  np.asarray(present, dtype=np.int64), extents))
     if not records:
         raise ValueError(f"{cases_dir}: no cases to sample patches from")
     return records
@@ -117,34 +192,79 @@ def read_region(array: np.ndarray, start: Sequence[int], size: Sequence[int], pa
     return out
 
 
-def choose_patch_centre(
-    shape: Sequence[int], patch_size: Sequence[int], rng: np.random.Generator, anchor: np.ndarray | None
-) -> np.ndarray:
-    """Centre voxel of a patch: uniform where the patch fits, or near ``anchor`` (a foreground voxel).
+def choose_patch_centre(shape: Sequence[int], patch_size: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """Centre voxel of a background patch: uniform where the whole patch lies inside the case, or the middle of an
+    axis shorter than the patch (nnDetection's ``RandomBGCrop3D``).
 
-    The centre is kept where the whole patch lies inside the image (or in the middle of an axis shorter than
-    the patch), so a jittered foreground anchor always stays inside the patch.
+    Example:
+        >>> choose_patch_centre((10, 4, 32), (8, 8, 8), np.random.default_rng(0)).tolist()  # 4..6, 2, 4..28
+        [6, 2, 19]
     """
     centre = np.empty(3, dtype=np.int64)
     for axis, (extent, size) in enumerate(zip(shape, patch_size)):
         lo, hi = size // 2, extent - (size - size // 2)  # patch [c - size//2, c - size//2 + size) inside
-        if hi < lo:
-            centre[axis] = extent // 2
+        centre[axis] = extent // 2 if hi < lo else rng.integers(lo, hi + 1)
+    return centre
+
+
+def object_patch_centre(
+    shape: Sequence[int],
+    patch_size: Sequence[int],
+    region_size: Sequence[int],
+    extent: Sequence[int],
+    rng: np.random.Generator,
+    offset_magnitude: float = OFFSET_MAGNITUDE,
+    max_object_fraction: float = MAX_OBJECT_FRACTION,
+) -> np.ndarray:
+    """Centre voxel of a foreground patch around the object with voxel extent ``extent`` (start, stop per axis).
+
+    As nnDetection's ``OffsetFGCrop3DV2``, per axis, with the object's box ``[lo, hi] = [first - 1, last + 1]``
+    (nnDetection's box of a mask) and the patch's first voxel ``p``:
+
+    - box size ``hi - lo`` at least ``max_object_fraction`` of the patch: the centre is a uniform voxel of the object;
+    - else, a case no larger than ``region_size`` (what is read for augmentation) along the axis: centred on the case;
+    - else ``p`` is uniform in ``[low, high)`` (``low`` itself when the range is empty), where ``[low, high]`` is
+      ``[hi - patch, lo]`` (the object inside the patch) clipped to ``[-1, shape - patch]`` (the patch inside the
+      case, give or take a voxel), both ends moved ``1 - offset_magnitude`` of the way towards the ``p`` that
+      centres the box, and rounded.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> # object voxels 20..22 of a 64-voxel axis, patch 16: box [19, 23]; [23 - 16, 19] = [7, 19], moved 30 %
+        >>> # towards the centring p = 13: [9, 17]; p uniform in [9, 17), so the centre p + 8 is in 17..24
+        >>> sorted({int(object_patch_centre((64, 64, 64), (16,) * 3, (16,) * 3, (20, 0, 0, 23, 64, 64), rng)[0])
+        ...         for _ in range(200)})
+        [17, 18, 19, 20, 21, 22, 23, 24]
+    """
+    centre = np.empty(3, dtype=np.int64)
+    for axis in range(3):
+        size, length, region = int(patch_size[axis]), int(shape[axis]), int(region_size[axis])
+        first, last = int(extent[axis]), int(extent[axis + 3]) - 1
+        lo, hi = first - 1, last + 1
+        box_size = hi - lo
+        if box_size >= max_object_fraction * size:
+            centre[axis] = rng.integers(first, last + 1)
             continue
-        if anchor is None:
-            centre[axis] = rng.integers(lo, hi + 1)
-        else:
-            jitter = int(size * FOREGROUND_JITTER)
-            wanted = int(anchor[axis]) + int(rng.integers(-jitter, jitter + 1))
-            centre[axis] = min(max(wanted, lo), hi)
+        if length <= region:
+            centre[axis] = length // 2
+            continue
+        top = length - size
+        low, high = min(max(hi - size, -1), top), min(max(lo, -1), top)
+        if offset_magnitude < 1.0:
+            centred = lo - size / 2 + box_size / 2
+            low += round((1.0 - offset_magnitude) * (centred - low))
+            high -= round((1.0 - offset_magnitude) * (high - centred))
+        start = low if high <= low else int(rng.integers(low, high))
+        centre[axis] = start + size // 2
     return centre
 
 
 class PatchBatchStream(IterableDataset):
     """An endless (or ``num_batches`` long) stream of batches, starting at ``start_batch``.
 
-    ``foreground_fraction`` of the samples (drawn per sample) are centred near a foreground voxel of a case
-    that has any; the others at a uniform random position of a uniformly drawn case.
+    The last ``batch_size - round(batch_size * (1 - foreground_fraction))`` samples of every batch are placed
+    around an object (class uniform, then object uniform; see the module docs); the others at a uniform random
+    position of a uniformly drawn case.
     """
 
     def __init__(
@@ -176,7 +296,14 @@ class PatchBatchStream(IterableDataset):
         self.start_batch = int(start_batch)
         self.num_batches = num_batches
         self.with_labels = with_labels
-        self._foreground_cases = [i for i, r in enumerate(self.records) if len(r.foreground_locations)]
+        # nnDetection's object-balanced cache: class -> every (case, object) of that class in the dataset
+        by_class: dict[int, list[tuple[int, int]]] = {}
+        if with_labels:
+            for case_index, record in enumerate(self.records):
+                for object_index, instance_id in enumerate(record.object_ids):
+                    by_class.setdefault(record.instances[int(instance_id)], []).append((case_index, object_index))
+        self._objects_by_class = [by_class[c] for c in sorted(by_class)]
+        self.num_background = round(self.batch_size * (1.0 - self.foreground_fraction))
         self.memory_map = bool(memory_map)
         self._open_arrays: dict[Path, np.ndarray] = {}  # per process: memory maps opened so far
 
@@ -198,19 +325,22 @@ class PatchBatchStream(IterableDataset):
     def sample(self, batch_index: int, sample_index: int) -> dict[str, Any]:
         """One augmented sample; a pure function of ``(seed, batch_index, sample_index)``."""
         rng = np.random.default_rng([self.seed, batch_index, sample_index])
-        wants_foreground = self.with_labels and rng.random() < self.foreground_fraction
-        foreground = wants_foreground and bool(self._foreground_cases)
+        region = self.augmenter.input_size
+        foreground = self.is_foreground_slot(sample_index) and bool(self._objects_by_class)
         if foreground:
-            record = self.records[self._foreground_cases[rng.integers(len(self._foreground_cases))]]
-            anchor = record.foreground_locations[rng.integers(len(record.foreground_locations))]
+            objects = self._objects_by_class[rng.integers(len(self._objects_by_class))]
+            case_index, object_index = objects[rng.integers(len(objects))]
+            record = self.records[case_index]
         else:
             record = self.records[rng.integers(len(self.records))]
-            anchor = None
         image_file = self.open_array(record.image_path)
         if image_file.ndim != 4:
             raise ValueError(f"{record.image_path}: expected a [C, Z, Y, X] array, got shape {image_file.shape}")
-        centre = choose_patch_centre(image_file.shape[1:], self.patch_size, rng, anchor)
-        region = self.augmenter.input_size
+        if foreground:
+            centre = object_patch_centre(image_file.shape[1:], self.patch_size, region,
+                                         record.object_extents[object_index], rng)
+        else:
+            centre = choose_patch_centre(image_file.shape[1:], self.patch_size, rng)
         start = [int(c) - r // 2 for c, r in zip(centre, region)]
         image = torch.from_numpy(read_region(image_file, start, region, IMAGE_PAD_VALUE).astype(np.float32, copy=False))
         instance_map = None
@@ -230,6 +360,10 @@ class PatchBatchStream(IterableDataset):
         if instance_map is not None:
             out.update(detection_targets(instance_map.numpy(), record))
         return out
+
+    def is_foreground_slot(self, sample_index: int) -> bool:
+        """Whether sample ``sample_index`` of a batch is a foreground sample (nnDetection: the last ones)."""
+        return self.with_labels and sample_index >= self.num_background
 
     def make_batch(self, batch_index: int) -> dict[str, Any]:
         """Batch ``batch_index`` of the stream, collated."""
