@@ -111,8 +111,9 @@ def test_uninterrupted_run_writes_final_model_and_log(uninterrupted):
     rows = _log_rows(uninterrupted / "log.csv")
     assert [int(r["iteration"]) for r in rows] == list(range(6))
     assert list(rows[0]) == ["iteration", "lr", "loss", "box", "seg"]
-    # the lr column is the schedule: warm-up b * (it + 1) / 2, then poly over the 4 remaining iterations
-    expected = [0.025, 0.05] + [0.05 * (1 - k / 4) ** 0.9 for k in range(4)]
+    # the lr column is the schedule: warm-up s + (b - s) * (it + 1) / 2 from s = 1e-6, then poly over the 4
+    # remaining iterations
+    expected = [1e-6 + (0.05 - 1e-6) / 2, 0.05] + [0.05 * (1 - k / 4) ** 0.9 for k in range(4)]
     assert [float(r["lr"]) for r in rows] == pytest.approx(expected)
     assert all(np.isfinite(float(r["loss"])) for r in rows)
 
