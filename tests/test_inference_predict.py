@@ -17,7 +17,7 @@ from pretrain_det3d.models.registry import build_detector, load_detector, save_d
 
 
 
-SETTINGS = {"patch_size": [16, 16, 16], "overlap": 0.5, "mirror": True, "max_detections": 4, "nms_iou": 0.5}
+SETTINGS = {"patch_size": [16, 16, 16], "overlap": 0.5, "mirror": True, "max_detections": 4}  # else the defaults
 
 
 def _direction() -> list[float]:
@@ -80,7 +80,7 @@ def test_run_prediction_writes_converted_voxel_boxes(tmp_path) -> None:
     # Same numbers as predicting directly and mapping with the preprocessing's own inverse.
     loaded, _ = load_detector(model_path)
     image = np.load(root / "cases" / "case_0.npy")
-    direct = predict_case(loaded, image, [16, 16, 16], 0.5, (0, 1, 2), max_detections=4, nms_iou=0.5)
+    direct = predict_case(loaded, image, [16, 16, 16], 0.5, (0, 1, 2), max_detections=4)
     expected = map_boxes_to_original(direct["boxes"], meta)
     np.testing.assert_allclose(np.array(written["boxes"]), expected, rtol=1e-6, atol=1e-6)
     boxes = np.array(written["boxes"])
@@ -98,3 +98,20 @@ def test_bad_settings_and_missing_cases_are_named(tmp_path) -> None:
     save_detector(tmp_path / "m.pth", model, "retina_unet")
     with pytest.raises(FileNotFoundError, match="missing_case.npy"):
         run_prediction(tmp_path / "m.pth", tmp_path, ["missing_case"], tmp_path / "out", {"patch_size": [8, 8, 8]})
+
+
+@pytest.mark.parametrize("key, value", [("score_threshold", 1.0), ("min_box_size", 1e6), ("wbc_score_threshold", 1.0)])
+def test_consolidation_settings_reach_predict_case(tmp_path, key, value) -> None:
+    torch.manual_seed(0)
+    model = build_detector(
+        "retina_unet", {"preset": "resenc_demo", "fpn_channels": 8, "head_convs": 1, "score_threshold": 0.0}, 1, 1,
+        {"box_sizes": [[4, 4, 4]]},
+    )
+    save_detector(tmp_path / "m.pth", model, "retina_unet", model.build_kwargs, {})
+    _write_case(tmp_path / "pre", "case_0")
+    run_prediction(tmp_path / "m.pth", tmp_path / "pre", ["case_0"], tmp_path / "a", {**SETTINGS, "mirror": False})
+    assert len(json.loads((tmp_path / "a" / "case_0.json").read_text())["boxes"]) > 0
+    # each of these values removes every box, so the key must have reached the consolidation
+    run_prediction(tmp_path / "m.pth", tmp_path / "pre", ["case_0"], tmp_path / "b",
+                   {**SETTINGS, "mirror": False, key: value})
+    assert json.loads((tmp_path / "b" / "case_0.json").read_text())["boxes"] == []

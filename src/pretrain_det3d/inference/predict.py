@@ -95,6 +95,11 @@ def run_prediction(
             max_detections=int(options["max_detections"]),
             nms_iou=float(options["nms_iou"]),
             score_threshold=float(options["score_threshold"]),
+            min_box_size=float(options["min_box_size"]),
+            weighted_nms=bool(options["weighted_nms"]),
+            candidates=int(options["candidates"]),
+            wbc_iou=float(options["wbc_iou"]),
+            wbc_score_threshold=float(options["wbc_score_threshold"]),
         )
         boxes = map_boxes_to_original(result["boxes"], meta)
         write_json(

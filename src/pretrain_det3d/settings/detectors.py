@@ -61,9 +61,10 @@ class RetinaUNetSettings(DetectorSettings):
     cls_weight: float = Field(1.0, ge=0, description="Weight of the classification loss.")
     reg_weight: float = Field(1.0, ge=0, description="Weight of the box regression loss.")
     seg_weight: float = Field(1.0, ge=0, description="Weight of the auxiliary segmentation loss.")
-    score_threshold: float = Field(0.05, ge=0, le=1, description="Per-tile score threshold at inference.")
-    topk_per_level: int = Field(1000, gt=0, description="Candidates kept per level before NMS.")
-    nms_iou: float = Field(0.5, gt=0, le=1, description="Per-tile NMS IoU.")
+    score_threshold: float = Field(0.0, ge=0, le=1, description="Per-tile score threshold at inference (kept: "
+                                   "above it).")
+    topk_per_level: int = Field(10000, gt=0, description="Candidates kept per level before NMS.")
+    nms_iou: float = Field(0.6, gt=0, le=1, description="Per-tile NMS IoU.")
     max_detections: int = Field(100, gt=0, description="Detections kept per tile.")
 
 

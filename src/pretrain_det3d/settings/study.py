@@ -49,13 +49,26 @@ class StudySettings(Settings):
 
 
 class InferenceSettings(Settings):
-    """Sliding-window prediction (``inference.predict``); ``patch_size`` comes from the detector entry."""
+    """Sliding-window prediction and nnDetection's box consolidation; ``patch_size`` comes from the detector."""
 
     overlap: float = Field(0.5, ge=0, le=0.95, description="Overlap of neighbouring tiles (fraction).")
-    mirror: bool = Field(False, description="Mirror test-time augmentation over all spatial axes.")
-    max_detections: int = Field(100, gt=0, description="Detections kept per case.")
-    nms_iou: float = Field(0.5, gt=0, le=1, description="IoU of the class-wise NMS over all tiles.")
-    score_threshold: float = Field(0.0, ge=0, le=1, description="Boxes below this score are dropped.")
+    mirror: bool = Field(True, description="Mirror test-time augmentation: every tile also mirrored along each "
+                         "subset of the spatial axes (8 forwards per tile), the boxes mapped back and fused.")
+    max_detections: int = Field(100, gt=0, description="Detections kept per case (best scores).")
+    score_threshold: float = Field(0.0, ge=0, le=1, description="Per source (model x mirroring), boxes with a "
+                                   "score not above this are dropped before NMS; 0: no threshold.")
+    min_box_size: float = Field(0.01, ge=0, description="Boxes with a side shorter than this (voxels, after "
+                                "clipping to the image) are removed.")
+    nms_iou: float = Field(0.1, gt=0, le=1, description="IoU of the class-wise NMS over the tiles of one "
+                           "source (model x mirroring).")
+    weighted_nms: bool = Field(True, description="That NMS ranks boxes by score x tile weight (centre of a tile "
+                               "1, falling to 0.5 at its corners); off: by score.")
+    candidates: int = Field(1000, gt=0, description="Boxes kept per source before and after its NMS, and in "
+                            "all before the clustering.")
+    wbc_iou: float = Field(0.5, gt=0, le=1, description="IoU of the weighted box clustering that fuses the "
+                           "sources (mirrorings, models).")
+    wbc_score_threshold: float = Field(0.0, ge=0, le=1, description="Fused boxes with a score not above this are "
+                                       "dropped.")
     batch_size: int = Field(1, gt=0, description="Tiles per forward pass.")
     device: str = Field("cpu", description="'cpu', 'cuda[:i]' or 'auto'.")
     patch_size: tuple[int, int, int] | None = Field(None, description="Tile size; default: the detector's "
