@@ -1,28 +1,47 @@
-"""Retina U-Net: a ResEnc encoder, a U-Net-like FPN decoder, RetinaNet heads and an auxiliary segmentation.
+"""Retina U-Net: a ResEnc encoder, nnDetection's UFPN decoder, anchor heads and an auxiliary segmentation.
 
-Architecture (after Jaeger et al. 2018 / nnDetection, with the paper's ResEnc encoder):
+The defaults are those of the authors' release inside MIC-DKFZ/nnDetection, model configuration
+``nndet/conf/train/model_cfg/retinaunet_l1_focal_atss_ms_ema_for_ResEnc.yaml`` with the module
+``RetinaUNetFocalV002_ResEnc`` (``nndet/ptmodule/retinaunet/ResEncModels.py``); docs/settings.md lists each value
+with its file. The code is our own.
+
+Architecture:
 
 - ``self.encoder``: :func:`~pretrain_det3d.models.backbone.build_resenc_encoder` (stage outputs at strides
   1, 2, 4, ...), so pre-trained stems and stages load by
   :func:`~pretrain_det3d.models.checkpoint.load_pretrained_encoder`.
-- Decoder (top-down FPN): each stage gets a 1x1 lateral conv; from the deepest level down, the coarser
-  output is projected to this level's width (1x1, only where widths differ), upsampled (nearest) and added
-  to the lateral, then smoothed by a 3x3 conv + norm + LeakyReLU. Levels that feed the heads are
-  ``fpn_channels`` wide; the others are ``min(fpn_channels, encoder width)`` wide, which keeps the
-  full-resolution level cheap.
-- Heads, shared over ``head_strides`` levels: ``head_convs`` x (3x3 conv, GroupNorm, LeakyReLU) then a 3x3
-  conv to ``A * num_classes`` logits (classification) or ``A * 6`` box deltas (regression), ``A`` anchors
-  per location.
-- Auxiliary segmentation: a 1x1 conv on the stride-1 decoder level to two channels (background,
-  foreground), trained with MONAI's Dice + cross-entropy.
+- Decoder, :class:`UFPN` (``nndet/nn/neck/fpn.py``): every level from full resolution up to the coarsest head
+  level gets a 1x1 lateral conv; from the coarsest level down, the merged map of the level below in resolution
+  is upsampled by a transposed conv (kernel = stride, no bias) and added to the lateral, and each merged map
+  passes one 3x3 output conv. Lateral, output and upsampling convs have no norm and no activation. Head levels
+  are ``fpn_channels`` wide; each level finer than the first head level halves the width, at least
+  ``fpn_min_channels`` (ResEnc-L, fpn 128, head levels from stride 4: 32-64-128-128-128-128).
+- Head levels (``head_strides`` default): the planner rule of nnDetection (``BoxC002`` in
+  ``nndet/planning/architecture/boxes/``, ``num_decoder_level`` 4 and ``min_decoder_level`` 2): the levels
+  ``min(max(1, n - 4), 2) ... n - 1`` of an ``n``-stage encoder. ResEnc-L (6 stages): strides 4, 8, 16, 32;
+  a 4-stage preset such as ``resenc_demo``: strides 2, 4, 8.
+- Heads (``BoxHeadAll`` with ``FocalClassifier`` / ``L1Regressor``, ``nndet/nn/heads/``), shared over the head
+  levels, one classifier and one regressor: an input 3x3 conv then ``head_convs`` more 3x3 convs, each with
+  GroupNorm (``head_channels_per_group`` channels per group, affine) and LeakyReLU and without conv bias, then a
+  3x3 conv to ``A * num_classes`` logits or ``A * 6`` deltas. All head convs start from N(0, 0.01) with zero
+  bias; the classifier's last bias starts at the prior ``cls_prior``. The regressor multiplies each level's
+  deltas by a learned scale (one ``nn.Parameter`` per level, starting at 1).
+- Auxiliary segmentation (``DiCESegmenterFgBg``, ``nndet/nn/heads/segmenter.py``): a 1x1 conv on the
+  full-resolution decoder level to two channels (background, foreground).
 
-Training: anchors from MONAI's ``AnchorGeneratorWithAnchorShape`` with one planned shape set per level
-(:mod:`pretrain_det3d.models.anchors`), ATSS matching (MONAI ``ATSSMatcher``; a box ATSS leaves without
-any anchor gets its best-IoU anchor), box deltas from MONAI's
-``BoxCoder``. Classification: sigmoid focal loss (torchvision) over the anchors chosen by MONAI's
-``HardNegativeSampler`` (all positives up to a budget, plus the highest-scoring negatives drawn from a pool),
-averaged over the chosen anchors (the sampler draws from torch's global generator: seed it). Regression: L1
-on the deltas of matched anchors.
+Training (``BoxHeadAll.compute_loss``, ``nndet/nn/heads/comb/anchor_all.py``): anchors from MONAI's
+``AnchorGeneratorWithAnchorShape`` with one planned shape set per level (:mod:`pretrain_det3d.models.anchors`),
+ATSS matching (MONAI ``ATSSMatcher``; a box ATSS leaves without any anchor gets its best-IoU anchor), box deltas
+from MONAI's ``BoxCoder``. Every anchor takes part in the classification loss (no sampling):
+
+- ``cls = cls_weight * sum_anchors(mean_classes(sigmoid focal loss)) / norm`` (the release's ``mean_last_sum``
+  reduction: the mean over the class axis, summed over anchors; for one class it is the plain sum),
+- ``reg = reg_weight * sum(smooth_l1(scaled deltas, target deltas)) / norm`` over the matched anchors (the
+  release's ``L1Regressor`` keeps its smooth-L1 change point ``beta`` 1; ``reg_smooth_l1_beta`` 0 gives L1),
+- ``norm = max(1, EMA of the batch's positive-anchor count)`` with bias correction (:class:`PositiveCountEMA`),
+- ``seg = seg_ce_weight * CE + seg_dice_weight * (1 - batch Dice of the foreground)`` (Dice over the whole
+  batch, smooth 0 / 1e-5, MONAI's ``DiceLoss``),
+- ``loss = cls + reg + seg``.
 
 Inference: decode the deltas, then MONAI's ``BoxSelector`` (score threshold, top-k per level, class-wise
 NMS, at most ``max_detections``).
@@ -48,8 +67,7 @@ from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorSha
 from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher
 from monai.apps.detection.utils.box_coder import BoxCoder
 from monai.apps.detection.utils.box_selector import BoxSelector
-from monai.apps.detection.utils.hard_negative_sampler import HardNegativeSampler
-from monai.losses import DiceCELoss
+from monai.losses import DiceLoss
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
@@ -58,93 +76,244 @@ from pretrain_det3d.models.backbone import build_resenc_encoder, get_preset
 from pretrain_det3d.models.registry import DETECTORS
 from pretrain_det3d.settings.detectors import RetinaUNetSettings
 
-# Architecture defaults.
-DEFAULT_FPN_CHANNELS = RetinaUNetSettings.default("fpn_channels")
-DEFAULT_HEAD_STRIDES = (4, 8, 16)  # the paper's (nnDetection's) head levels; filtered to the preset's strides
-DEFAULT_HEAD_CONVS = RetinaUNetSettings.default("head_convs")
-DEFAULT_HEAD_GROUPS = 16  # GroupNorm groups in the heads (reduced to a divisor of the width)
-PRIOR_PROBABILITY = 0.01  # initial foreground probability of every anchor (RetinaNet's bias init)
-SEG_CLASSES = 2  # background, foreground
+_D = RetinaUNetSettings.default
 
-# Matching, sampling and loss defaults.
-DEFAULT_ATSS_CANDIDATES = RetinaUNetSettings.default("atss_candidates")
-# small lesions would otherwise lose every candidate
-DEFAULT_ATSS_CENTER_IN_GT = RetinaUNetSettings.default("atss_center_in_gt")
-DEFAULT_HNM_BATCH_SIZE_PER_IMAGE = RetinaUNetSettings.default("hnm_batch_size_per_image")
-DEFAULT_HNM_POSITIVE_FRACTION = RetinaUNetSettings.default("hnm_positive_fraction")
-DEFAULT_HNM_POOL_SIZE = RetinaUNetSettings.default("hnm_pool_size")
-DEFAULT_HNM_MIN_NEG = RetinaUNetSettings.default("hnm_min_neg")
-DEFAULT_FOCAL_ALPHA = RetinaUNetSettings.default("focal_alpha")
-DEFAULT_FOCAL_GAMMA = RetinaUNetSettings.default("focal_gamma")
-DEFAULT_BOX_WEIGHTS = RetinaUNetSettings.default("box_weights")
-DEFAULT_CLS_WEIGHT = RetinaUNetSettings.default("cls_weight")
-DEFAULT_REG_WEIGHT = RetinaUNetSettings.default("reg_weight")
-DEFAULT_SEG_WEIGHT = RetinaUNetSettings.default("seg_weight")
+# Architecture defaults.
+DEFAULT_FPN_CHANNELS = _D("fpn_channels")
+DEFAULT_FPN_MIN_CHANNELS = _D("fpn_min_channels")
+#: UFPN: each level finer than the first head level has this factor fewer channels (nnDetection's default 2)
+FPN_CHANNEL_REDUCTION = 2
+#: nnDetection's planner (BoxC002): at most this many head levels, the finest no deeper than MIN_DECODER_LEVEL
+NUM_DECODER_LEVELS = 4
+MIN_DECODER_LEVEL = 2
+DEFAULT_HEAD_CONVS = _D("head_convs")
+DEFAULT_HEAD_CHANNELS_PER_GROUP = _D("head_channels_per_group")
+SEG_CLASSES = 2  # background, foreground
+LEAKY_SLOPE = 0.01
+HEAD_INIT_STD = 0.01  # nnDetection's dense heads: N(0, 0.01) weights, zero bias
+
+# Matching and loss defaults.
+DEFAULT_ATSS_CANDIDATES = _D("atss_candidates")
+DEFAULT_ATSS_CENTER_IN_GT = _D("atss_center_in_gt")
+DEFAULT_FOCAL_ALPHA = _D("focal_alpha")
+DEFAULT_FOCAL_GAMMA = _D("focal_gamma")
+DEFAULT_CLS_PRIOR = _D("cls_prior")
+DEFAULT_BOX_WEIGHTS = _D("box_weights")
+DEFAULT_CLS_WEIGHT = _D("cls_weight")
+DEFAULT_REG_WEIGHT = _D("reg_weight")
+DEFAULT_REG_SMOOTH_L1_BETA = _D("reg_smooth_l1_beta")
+DEFAULT_REG_LEARN_SCALE = _D("reg_learn_scale")
+DEFAULT_LOSS_NORM_BETA = _D("loss_norm_beta")
+DEFAULT_LOSS_NORM_BIAS_STEPS = _D("loss_norm_bias_correction_steps")
+DEFAULT_SEG_CE_WEIGHT = _D("seg_ce_weight")
+DEFAULT_SEG_DICE_WEIGHT = _D("seg_dice_weight")
+#: the release's Dice smoothing: 0 in the numerator (segmenter_kwargs), 1e-5 in the denominator (its default)
+DICE_SMOOTH_NUMERATOR = 0.0
+DICE_SMOOTH_DENOMINATOR = 1e-5
 
 # Inference defaults (per patch).
-DEFAULT_SCORE_THRESHOLD = RetinaUNetSettings.default("score_threshold")
-DEFAULT_TOPK_PER_LEVEL = RetinaUNetSettings.default("topk_per_level")
-DEFAULT_NMS_IOU = RetinaUNetSettings.default("nms_iou")
-DEFAULT_MAX_DETECTIONS = RetinaUNetSettings.default("max_detections")
+DEFAULT_SCORE_THRESHOLD = _D("score_threshold")
+DEFAULT_TOPK_PER_LEVEL = _D("topk_per_level")
+DEFAULT_NMS_IOU = _D("nms_iou")
+DEFAULT_MAX_DETECTIONS = _D("max_detections")
+
+
+def release_head_levels(n_stages: int) -> list[int]:
+    """Encoder stages (0 = full resolution) that nnDetection's planner makes head levels for ``n_stages``.
+
+    Example:
+        >>> release_head_levels(6), release_head_levels(4), release_head_levels(3)
+        ([2, 3, 4, 5], [1, 2, 3], [1, 2])
+    """
+    if n_stages < 2:
+        raise ValueError(f"need at least two encoder stages for head levels, got {n_stages}")
+    first = min(max(1, n_stages - NUM_DECODER_LEVELS), MIN_DECODER_LEVEL)
+    return list(range(first, n_stages))
 
 
 def resolve_head_strides(preset: str, head_strides: Sequence[int] | None) -> list[int]:
-    """Head strides to use: the given ones (each must be a stage stride) or the defaults the preset offers.
+    """Head strides to use: the given ones (each must be a stage stride) or the release's rule for the preset.
 
     Example:
-        >>> resolve_head_strides("resenc_demo", None)
-        [4, 8]
+        >>> resolve_head_strides("resenc_demo", None), resolve_head_strides("resenc_l", None)
+        ([2, 4, 8], [4, 8, 16, 32])
     """
     available = get_preset(preset).cumulative_strides
     if head_strides is None:
-        chosen = [s for s in DEFAULT_HEAD_STRIDES if s in available]
-        if not chosen:
-            raise ValueError(f"preset {preset!r} offers none of the default head strides {DEFAULT_HEAD_STRIDES}")
-        return chosen
+        return [available[level] for level in release_head_levels(len(available))]
     chosen = sorted(int(s) for s in head_strides)
     missing = [s for s in chosen if s not in available]
-    if missing or not chosen:
+    if missing or not chosen or len(set(chosen)) != len(chosen):
         raise ValueError(f"head_strides {list(head_strides)}: preset {preset!r} has decoder strides {available}")
     return chosen
 
 
-def _group_count(channels: int, groups: int) -> int:
-    # The largest divisor of ``channels`` not above ``groups``.
-    return max(g for g in range(1, min(groups, channels) + 1) if channels % g == 0)
+def fpn_level_channels(
+    n_levels: int, first_head_level: int, fpn_channels: int, min_channels: int = DEFAULT_FPN_MIN_CHANNELS
+) -> list[int]:
+    """UFPN widths of levels ``0 .. n_levels - 1``: ``fpn_channels`` from the first head level on, halved per level
+    below it, never under ``min_channels``.
+
+    Example:
+        >>> fpn_level_channels(6, 2, 128), fpn_level_channels(4, 2, 32)
+        ([32, 64, 128, 128, 128, 128], [8, 16, 32, 32])
+    """
+    return [
+        fpn_channels
+        if level >= first_head_level
+        else max(int(fpn_channels / FPN_CHANNEL_REDUCTION ** (first_head_level - level)), min_channels)
+        for level in range(n_levels)
+    ]
 
 
-def _conv_norm_act(in_ch: int, out_ch: int, kernel: int, norm: str, groups: int = DEFAULT_HEAD_GROUPS) -> nn.Sequential:
-    norm_layer: nn.Module
-    if norm == "group":
-        norm_layer = nn.GroupNorm(_group_count(out_ch, groups), out_ch)
-    else:
-        norm_layer = nn.InstanceNorm3d(out_ch, affine=True)
-    return nn.Sequential(
-        nn.Conv3d(in_ch, out_ch, kernel, padding=kernel // 2),
-        norm_layer,
-        nn.LeakyReLU(inplace=True),
-    )
+def _group_count(channels: int, channels_per_group: int) -> int:
+    # channels // channels_per_group groups; where that does not divide the width (CPU-sized heads), the largest
+    # divisor below it; at least one group.
+    target = max(1, channels // channels_per_group)
+    return max(g for g in range(1, target + 1) if channels % g == 0)
+
+
+def _he_init(module: nn.Module) -> None:
+    # nnDetection's neck / segmenter initialiser (InitHeV2, mode fan_out): He normal weights, zero bias.
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv3d, nn.ConvTranspose3d)):
+            nn.init.kaiming_normal_(layer.weight, a=LEAKY_SLOPE, mode="fan_out", nonlinearity="leaky_relu")
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
+class UFPN(nn.Module):
+    """nnDetection's U-shaped FPN over encoder levels ``0 .. last_level`` (see the module docstring).
+
+    Args:
+        in_channels: encoder widths of levels ``0 .. last_level`` (or more; deeper levels are ignored).
+        strides: per-level stride of each encoder stage relative to the one above it (level 0's is unused).
+        channels: output width of each level ``0 .. last_level`` (:func:`fpn_level_channels`).
+    """
+
+    def __init__(self, in_channels: Sequence[int], strides: Sequence[int], channels: Sequence[int]) -> None:
+        super().__init__()
+        self.channels = list(channels)
+        n = len(self.channels)
+        self.lateral = nn.ModuleList([nn.Conv3d(in_channels[lvl], self.channels[lvl], 1) for lvl in range(n)])
+        self.out = nn.ModuleList([nn.Conv3d(c, c, 3, padding=1) for c in self.channels])
+        # up[l - 1] brings level l's merged map to level l - 1 (resolution and width).
+        self.up = nn.ModuleList(
+            [
+                nn.ConvTranspose3d(self.channels[lvl], self.channels[lvl - 1], strides[lvl], stride=strides[lvl],
+                                   bias=False)
+                for lvl in range(1, n)
+            ]
+        )
+        _he_init(self)
+
+    def forward(self, skips: Sequence[Tensor]) -> list[Tensor]:
+        """Decoder maps of levels ``0 .. last_level`` (finest first)."""
+        n = len(self.channels)
+        outputs: list[Tensor] = [torch.empty(0)] * n
+        upsampled: Tensor | None = None
+        for level in reversed(range(n)):
+            merged = self.lateral[level](skips[level])
+            if upsampled is not None:
+                merged = merged + upsampled
+            if level > 0:
+                upsampled = self.up[level - 1](merged)
+            outputs[level] = self.out[level](merged)
+        return outputs
 
 
 class _Head(nn.Module):
-    """Convs shared over levels, ending in ``out_per_anchor * num_anchors`` channels."""
+    """A tower shared over levels (input conv + ``num_convs`` convs, GroupNorm, LeakyReLU), then the output conv.
 
-    def __init__(self, channels: int, num_anchors: int, out_per_anchor: int, num_convs: int) -> None:
+    With ``num_levels`` given, each level's output is multiplied by its own learned scale (starting at 1).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_anchors: int,
+        out_per_anchor: int,
+        num_convs: int,
+        channels_per_group: int = DEFAULT_HEAD_CHANNELS_PER_GROUP,
+        prior: float | None = None,
+        num_levels: int | None = None,
+    ) -> None:
         super().__init__()
-        self.tower = nn.Sequential(*[_conv_norm_act(channels, channels, 3, "group") for _ in range(num_convs)])
+        layers: list[nn.Module] = []
+        for _ in range(num_convs + 1):
+            layers += [
+                nn.Conv3d(channels, channels, 3, padding=1, bias=False),
+                nn.GroupNorm(_group_count(channels, channels_per_group), channels, affine=True),
+                nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
+            ]
+        self.tower = nn.Sequential(*layers)
         self.out = nn.Conv3d(channels, num_anchors * out_per_anchor, 3, padding=1)
         self.out_per_anchor = out_per_anchor
+        self.scales = nn.Parameter(torch.ones(num_levels)) if num_levels else None
+        for layer in self.modules():
+            if isinstance(layer, nn.Conv3d):
+                nn.init.normal_(layer.weight, mean=0.0, std=HEAD_INIT_STD)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+        if prior is not None:
+            nn.init.constant_(self.out.bias, -math.log((1 - prior) / prior))
 
     def forward(self, features: list[Tensor]) -> Tensor:
         """Return ``[B, sum_l(Z_l*Y_l*X_l*A), out_per_anchor]`` in MONAI's anchor order (location, anchor)."""
         flat = []
-        for feature in features:
+        for level, feature in enumerate(features):
             out = self.out(self.tower(feature))  # [B, A*K, Z, Y, X]
             b, _, z, y, x = out.shape
             out = out.view(b, -1, self.out_per_anchor, z, y, x)  # [B, A, K, Z, Y, X]
             out = out.permute(0, 3, 4, 5, 1, 2).reshape(b, -1, self.out_per_anchor)  # [B, Z*Y*X*A, K]
+            if self.scales is not None:
+                out = out * self.scales[level]
             flat.append(out)
         return torch.cat(flat, dim=1)
+
+
+class PositiveCountEMA(nn.Module):
+    """Exponential moving average of the positive-anchor count that normalises the box losses.
+
+    ``update(n)``: ``ema <- beta * ema + (1 - beta) * n`` (starting from 0), then returns the current value,
+    ``ema / (1 - beta^t)`` during the first ``bias_correction_steps`` updates ``t`` (bias correction) and ``ema``
+    afterwards. nnDetection's ``EMABiasStepsModule`` (head_kwargs.ema_loss_kwargs: beta 0.7, 5000 steps); its
+    source is not in the readable snapshots, so the step rule above is ours; for beta 0.7 the two readings
+    (correct for 5000 steps, or cap t at 5000) agree to 0.7^5000, i.e. exactly in floating point.
+    The state lives in buffers (float64), so it is saved and restored with the model's state dict.
+
+    Example:
+        >>> ema = PositiveCountEMA(beta=0.5, bias_correction_steps=10)
+        >>> ema.update(4.0), ema.update(2.0)  # 2 / 0.5; (0.5 * 2 + 1) / 0.75
+        (4.0, 2.6666666666666665)
+    """
+
+    def __init__(self, beta: float, bias_correction_steps: int) -> None:
+        super().__init__()
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"EMA beta must be in [0, 1), got {beta}")
+        self.beta = float(beta)
+        self.bias_correction_steps = int(bias_correction_steps)
+        self.register_buffer("average", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    def value(self) -> float:
+        """The current (bias-corrected) average; 0 before the first update."""
+        steps = int(self.steps)
+        average = float(self.average)
+        if 0 < steps <= self.bias_correction_steps:
+            return average / (1.0 - self.beta**steps)
+        return average
+
+    @torch.no_grad()
+    def update(self, count: float) -> float:
+        """Add one batch's positive count and return :meth:`value`."""
+        self.average.mul_(self.beta).add_((1.0 - self.beta) * float(count))
+        self.steps.add_(1)
+        return self.value()
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, bias_correction_steps={self.bias_correction_steps}"
 
 
 def _ensure_every_box_matched(quality: Tensor, matches: Tensor) -> Tensor:
@@ -175,8 +344,8 @@ class RetinaUNet(nn.Module):
         in_channels: image channels.
         num_classes: object classes (without background).
         anchor_shapes: per head level, the ``[dz, dy, dx]`` anchor shapes in voxels (same count per level).
-        head_strides: decoder strides that feed the heads (default: 4, 8, 16 where the preset has them).
-        Remaining keywords are the knobs named by the module-level defaults.
+        head_strides: decoder strides that feed the heads (default: :func:`release_head_levels`).
+        Remaining keywords are the knobs named by the module-level defaults (``RetinaUNetSettings``).
     """
 
     def __init__(
@@ -187,19 +356,23 @@ class RetinaUNet(nn.Module):
         anchor_shapes: Sequence[Sequence[Sequence[float]]],
         head_strides: Sequence[int] | None = None,
         fpn_channels: int = DEFAULT_FPN_CHANNELS,
+        fpn_min_channels: int = DEFAULT_FPN_MIN_CHANNELS,
         head_convs: int = DEFAULT_HEAD_CONVS,
+        head_channels_per_group: int = DEFAULT_HEAD_CHANNELS_PER_GROUP,
         atss_candidates: int = DEFAULT_ATSS_CANDIDATES,
         atss_center_in_gt: bool = DEFAULT_ATSS_CENTER_IN_GT,
-        hnm_batch_size_per_image: int = DEFAULT_HNM_BATCH_SIZE_PER_IMAGE,
-        hnm_positive_fraction: float = DEFAULT_HNM_POSITIVE_FRACTION,
-        hnm_pool_size: float = DEFAULT_HNM_POOL_SIZE,
-        hnm_min_neg: int = DEFAULT_HNM_MIN_NEG,
         focal_alpha: float = DEFAULT_FOCAL_ALPHA,
         focal_gamma: float = DEFAULT_FOCAL_GAMMA,
+        cls_prior: float = DEFAULT_CLS_PRIOR,
         box_weights: Sequence[float] = DEFAULT_BOX_WEIGHTS,
         cls_weight: float = DEFAULT_CLS_WEIGHT,
         reg_weight: float = DEFAULT_REG_WEIGHT,
-        seg_weight: float = DEFAULT_SEG_WEIGHT,
+        reg_smooth_l1_beta: float = DEFAULT_REG_SMOOTH_L1_BETA,
+        reg_learn_scale: bool = DEFAULT_REG_LEARN_SCALE,
+        loss_norm_beta: float = DEFAULT_LOSS_NORM_BETA,
+        loss_norm_bias_correction_steps: int = DEFAULT_LOSS_NORM_BIAS_STEPS,
+        seg_ce_weight: float = DEFAULT_SEG_CE_WEIGHT,
+        seg_dice_weight: float = DEFAULT_SEG_DICE_WEIGHT,
         score_threshold: float = DEFAULT_SCORE_THRESHOLD,
         topk_per_level: int = DEFAULT_TOPK_PER_LEVEL,
         nms_iou: float = DEFAULT_NMS_IOU,
@@ -225,28 +398,16 @@ class RetinaUNet(nn.Module):
         self.head_levels = [self.stage_strides.index(s) for s in self.head_strides]
         self.encoder = build_resenc_encoder(preset, in_channels)
 
-        # Decoder widths: heads need a common width; other levels stay no wider than the encoder.
-        widths = [
-            fpn_channels if level in self.head_levels else min(fpn_channels, feats)
-            for level, feats in enumerate(backbone.features_per_stage)
-        ]
-        self.decoder_widths = widths
-        self.laterals = nn.ModuleList(
-            [nn.Conv3d(feats, width, 1) for feats, width in zip(backbone.features_per_stage, widths)]
-        )
-        # top_down[l] projects level l+1's output to level l's width before upsampling.
-        self.top_down = nn.ModuleList(
-            [
-                nn.Conv3d(widths[level + 1], widths[level], 1) if widths[level + 1] != widths[level] else nn.Identity()
-                for level in range(len(widths) - 1)
-            ]
-        )
-        self.smooth = nn.ModuleList([_conv_norm_act(width, width, 3, "instance") for width in widths])
+        n_levels = self.head_levels[-1] + 1  # UFPN builds every level up to the coarsest head level
+        self.decoder_widths = fpn_level_channels(n_levels, self.head_levels[0], fpn_channels, fpn_min_channels)
+        self.decoder = UFPN(backbone.features_per_stage[:n_levels], backbone.strides[:n_levels], self.decoder_widths)
 
-        self.cls_head = _Head(fpn_channels, self.num_anchors_per_location, self.num_classes, head_convs)
-        self.reg_head = _Head(fpn_channels, self.num_anchors_per_location, 6, head_convs)
-        self.seg_head = nn.Conv3d(widths[0], SEG_CLASSES, 1)
-        nn.init.constant_(self.cls_head.out.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
+        self.cls_head = _Head(fpn_channels, self.num_anchors_per_location, self.num_classes, head_convs,
+                              head_channels_per_group, prior=cls_prior)
+        self.reg_head = _Head(fpn_channels, self.num_anchors_per_location, 6, head_convs, head_channels_per_group,
+                              num_levels=len(self.head_levels) if reg_learn_scale else None)
+        self.seg_head = nn.Conv3d(self.decoder_widths[0], SEG_CLASSES, 1)
+        _he_init(self.seg_head)
 
         self.anchor_generator = AnchorGeneratorWithAnchorShape(
             feature_map_scales=[1] * len(anchor_shapes), base_anchor_shapes=anchor_shapes[0]
@@ -258,13 +419,11 @@ class RetinaUNet(nn.Module):
         ]
         self.matcher = ATSSMatcher(num_candidates=atss_candidates, center_in_gt=atss_center_in_gt)
         self.box_coder = BoxCoder(weights=tuple(box_weights))
-        self.sampler = HardNegativeSampler(
-            batch_size_per_image=hnm_batch_size_per_image,
-            positive_fraction=hnm_positive_fraction,
-            min_neg=hnm_min_neg,
-            pool_size=hnm_pool_size,
+        self.positive_ema = PositiveCountEMA(loss_norm_beta, loss_norm_bias_correction_steps)
+        self.dice_loss = DiceLoss(
+            include_background=False, to_onehot_y=True, softmax=True, batch=True,
+            smooth_nr=DICE_SMOOTH_NUMERATOR, smooth_dr=DICE_SMOOTH_DENOMINATOR,
         )
-        self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True)
         self.box_selector = BoxSelector(
             apply_sigmoid=True,
             score_thresh=score_threshold,
@@ -273,7 +432,8 @@ class RetinaUNet(nn.Module):
             detections_per_img=max_detections,
         )
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
-        self.loss_weights = {"cls": cls_weight, "reg": reg_weight, "seg": seg_weight}
+        self.reg_smooth_l1_beta = float(reg_smooth_l1_beta)
+        self.loss_weights = {"cls": cls_weight, "reg": reg_weight, "seg_ce": seg_ce_weight, "seg_dice": seg_dice_weight}
 
     @classmethod
     def build_kwargs_from_settings(
@@ -288,7 +448,7 @@ class RetinaUNet(nn.Module):
         Example:
             >>> kwargs = RetinaUNet.build_kwargs_from_settings({"preset": "resenc_demo"}, 1, 1, {"box_sizes": []})
             >>> kwargs["head_strides"]
-            [4, 8]
+            [2, 4, 8]
         """
         if "preset" not in settings:
             raise KeyError("detector settings need a 'preset' (backbone preset name)")
@@ -307,20 +467,15 @@ class RetinaUNet(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
+    def decode(self, images: Tensor) -> list[Tensor]:
+        """The UFPN maps of levels ``0 .. coarsest head level`` (finest first)."""
+        self._check_size(images)
+        return self.decoder(self.encoder(images))
+
     def forward(self, images: Tensor) -> dict[str, Any]:
         """Return ``{"cls": [B, N_anchors, K], "reg": [B, N_anchors, 6], "seg": [B, 2, Z, Y, X],
-        "head_features": [...]}`` (logits; anchors over all head levels, MONAI's order)."""
-        self._check_size(images)
-        skips = self.encoder(images)
-        decoded: list[Tensor] = [torch.empty(0)] * len(skips)
-        coarser: Tensor | None = None
-        for level in reversed(range(len(skips))):
-            merged = self.laterals[level](skips[level])
-            if coarser is not None:
-                projected = self.top_down[level](coarser)
-                merged = merged + F.interpolate(projected, size=merged.shape[2:], mode="nearest")
-            coarser = self.smooth[level](merged)
-            decoded[level] = coarser
+        "head_features": [...]}`` (logits; scaled deltas; anchors over all head levels, MONAI's order)."""
+        decoded = self.decode(images)
         head_features = [decoded[level] for level in self.head_levels]
         return {
             "cls": self.cls_head(head_features),
@@ -349,10 +504,47 @@ class RetinaUNet(nn.Module):
 
     # ------------------------------------------------------------------ training
 
+    def box_losses(
+        self, cls_logits: Tensor, box_deltas: Tensor, cls_targets: Tensor, positive: Tensor, reg_targets: Tensor
+    ) -> dict[str, Tensor]:
+        """Classification and box losses of a batch, normalised by the positive-count EMA.
+
+        ``cls_logits`` / ``cls_targets`` ``[B, N, K]`` (one-hot, all anchors), ``box_deltas`` ``[B, N, 6]``,
+        ``positive`` ``[B, N]`` bool, ``reg_targets`` ``[P, 6]`` for the positives in ``positive``'s order. In
+        training mode the EMA takes this batch's count first; in eval mode it is only read.
+        """
+        count = float(positive.sum())
+        norm = self.positive_ema.update(count) if self.training else self.positive_ema.value()
+        norm = max(1.0, norm)
+        focal = sigmoid_focal_loss(cls_logits, cls_targets, alpha=self.focal_alpha, gamma=self.focal_gamma,
+                                   reduction="none")
+        cls_loss = self.loss_weights["cls"] * focal.mean(dim=-1).sum() / norm
+        if count > 0:
+            pred = box_deltas[positive]
+            target = reg_targets.to(pred.dtype)
+            if self.reg_smooth_l1_beta < 1e-5:
+                per_value = F.l1_loss(pred, target, reduction="none")
+            else:
+                per_value = F.smooth_l1_loss(pred, target, reduction="none", beta=self.reg_smooth_l1_beta)
+            reg_loss = self.loss_weights["reg"] * per_value.sum() / norm
+        else:
+            reg_loss = box_deltas.sum() * 0.0  # keeps the graph when a batch has no matched anchor
+        return {"cls": cls_loss, "reg": reg_loss, "norm": torch.tensor(norm)}
+
+    def seg_losses(self, seg_logits: Tensor, seg: Tensor) -> dict[str, Tensor]:
+        """Weighted cross-entropy and batch Dice (foreground) of the auxiliary segmentation.
+
+        ``seg`` ``[B, 1, Z, Y, X]``: any value > 0 is foreground (an instance map works too).
+        """
+        target = (seg > 0).long()
+        ce = F.cross_entropy(seg_logits, target[:, 0])
+        dice = self.dice_loss(seg_logits, target)
+        return {"seg_ce": self.loss_weights["seg_ce"] * ce, "seg_dice": self.loss_weights["seg_dice"] * dice}
+
     def compute_losses(
         self, images: Tensor, targets: list[dict[str, Tensor]], seg: Tensor
     ) -> dict[str, Tensor]:
-        """Focal classification (hard-negative sampled), L1 regression and Dice+CE segmentation losses.
+        """Focal classification over all anchors, smooth-L1 box regression and CE + Dice segmentation losses.
 
         Example:
             >>> losses = net.compute_losses(images, [{"boxes": b, "labels": l}], seg)  # doctest: +SKIP
@@ -364,8 +556,9 @@ class RetinaUNet(nn.Module):
         anchors, locations = self.anchors(images, out["head_features"])
         cls_logits, box_deltas = out["cls"].float(), out["reg"].float()  # losses in float32 under autocast
 
-        cls_targets, matched_per_image, fg_labels = [], [], []
-        reg_preds, reg_targets = [], []
+        cls_targets = torch.zeros_like(cls_logits)  # [B, N_anchors, K]
+        positive = torch.zeros(cls_logits.shape[:2], dtype=torch.bool, device=cls_logits.device)
+        reg_targets = []
         for index, target in enumerate(targets):
             boxes = target["boxes"].to(anchors)
             labels = target["labels"].to(device=anchors.device, dtype=torch.long)
@@ -375,52 +568,29 @@ class RetinaUNet(nn.Module):
                     f"target {index}: need one label in [0, {self.num_classes}) per box, got {labels.tolist()} "
                     f"for {boxes.shape[0]} boxes"
                 )
-            one_hot = torch.zeros_like(cls_logits[index])  # [N_anchors, K]
             if boxes.numel() == 0:
-                matches = torch.full((anchors.shape[0],), -1, dtype=torch.long, device=anchors.device)
-            else:
-                # Autocast would run ATSS's distance/IoU maths in half precision and lose every match.
-                with torch.autocast(device_type=anchors.device.type, enabled=False):
-                    quality, matches = self.matcher.compute_matches(
-                        boxes, anchors, locations, self.num_anchors_per_location
-                    )
+                continue
+            # Autocast would run ATSS's distance/IoU maths in half precision and lose every match.
+            with torch.autocast(device_type=anchors.device.type, enabled=False):
+                quality, matches = self.matcher.compute_matches(
+                    boxes, anchors, locations, self.num_anchors_per_location
+                )
                 matches = _ensure_every_box_matched(quality, matches)
-            positive = matches >= 0
-            if positive.any():
-                one_hot[positive, labels[matches[positive]]] = 1.0
-                with torch.autocast(device_type=anchors.device.type, enabled=False):
-                    reg_targets.append(self.box_coder.encode_single(boxes[matches[positive]], anchors[positive]))
-                reg_preds.append(box_deltas[index][positive])
-            cls_targets.append(one_hot)
-            # The sampler wants label >= 1 for positives, 0 for negatives.
-            fg_labels.append(positive.long())
-            matched_per_image.append(matches)
+                matched = matches >= 0
+                reg_targets.append(self.box_coder.encode_single(boxes[matches[matched]], anchors[matched]))
+            positive[index] = matched
+            cls_targets[index, matched, labels[matches[matched]]] = 1.0
+        reg_target = torch.cat(reg_targets) if reg_targets else box_deltas.new_zeros((0, 6))
 
-        with torch.no_grad():
-            fg_probs = torch.sigmoid(cls_logits.detach()).max(dim=2).values.reshape(-1)
-        pos_masks, neg_masks = self.sampler(fg_labels, fg_probs)
-        sampled = torch.cat([(p | n).bool() for p, n in zip(pos_masks, neg_masks)])  # [B * N_anchors]
-        cls_loss = sigmoid_focal_loss(
-            cls_logits.reshape(-1, self.num_classes)[sampled],
-            torch.cat(cls_targets)[sampled],
-            alpha=self.focal_alpha,
-            gamma=self.focal_gamma,
-            reduction="sum",
-        ) / max(int(sampled.sum()), 1)
-
-        if reg_preds:
-            reg_loss = F.l1_loss(torch.cat(reg_preds), torch.cat(reg_targets).to(box_deltas.dtype))
-        else:
-            reg_loss = box_deltas.sum() * 0.0  # keeps the graph when a batch has no matched anchor
-
-        # (seg > 0) also accepts an instance map: the auxiliary task is foreground vs background.
-        seg_loss = self.seg_loss(out["seg"].float(), (seg > 0).long())
-        total = (
-            self.loss_weights["cls"] * cls_loss
-            + self.loss_weights["reg"] * reg_loss
-            + self.loss_weights["seg"] * seg_loss
-        )
-        return {"loss": total, "cls": cls_loss.detach(), "reg": reg_loss.detach(), "seg": seg_loss.detach()}
+        losses = self.box_losses(cls_logits, box_deltas, cls_targets, positive, reg_target)
+        losses.update(self.seg_losses(out["seg"].float(), seg))
+        total = losses["cls"] + losses["reg"] + losses["seg_ce"] + losses["seg_dice"]
+        return {
+            "loss": total,
+            "cls": losses["cls"].detach(),
+            "reg": losses["reg"].detach(),
+            "seg": (losses["seg_ce"] + losses["seg_dice"]).detach(),
+        }
 
     # ------------------------------------------------------------------ inference
 

@@ -42,25 +42,36 @@ class DetectorSettings(TrainingSettings):
 class RetinaUNetSettings(DetectorSettings):
     """Retina U-Net on a ResEnc encoder (``models.retina_unet.RetinaUNet``)."""
 
-    head_strides: list[int] | None = Field(None, description="Strides of the head levels; default 4, 8, 16 "
-                                           "(those the backbone offers).")
+    head_strides: list[int] | None = Field(None, description="Strides of the head levels; default: nnDetection's "
+                                           "planner rule, levels min(max(1, n - 4), 2) .. n - 1 of an n-stage encoder "
+                                           "(ResEnc-L: 4, 8, 16, 32; a 4-stage preset: 2, 4, 8).")
     anchor_shapes: list[list[list[float]]] | None = Field(
         None, description="Explicit anchor shapes per level [[z, y, x], ...]; default: planned from the boxes.")
     anchors_per_level: int = Field(3, gt=0, description="Planned anchor shapes per head level.")
-    fpn_channels: int = Field(128, gt=0, description="Width of the FPN's head levels.")
-    head_convs: int = Field(2, ge=0, description="Convolutions in each head's tower.")
+    fpn_channels: int = Field(128, gt=0, description="UFPN width of the head levels (nnDetection plans 4 x 32 "
+                              "start channels); finer levels halve it per level.")
+    fpn_min_channels: int = Field(8, gt=0, description="UFPN: smallest width of the levels below the heads.")
+    head_convs: int = Field(1, ge=0, description="Head convs after each tower's input conv (nnDetection's "
+                            "num_convs: 1 gives two conv-GroupNorm-LeakyReLU layers per tower).")
+    head_channels_per_group: int = Field(16, gt=0, description="GroupNorm channels per group in the heads.")
     atss_candidates: int = Field(4, gt=0, description="ATSS candidate anchors per level and box.")
     atss_center_in_gt: bool = Field(False, description="ATSS: require anchor centres inside the box.")
-    hnm_batch_size_per_image: int = Field(64, gt=0, description="Hard-negative sampler: anchors per image.")
-    hnm_positive_fraction: float = Field(0.33, gt=0, le=1, description="Hard-negative sampler: positive share.")
-    hnm_pool_size: float = Field(20, gt=0, description="Hard-negative sampler: candidate pool, in multiples.")
-    hnm_min_neg: int = Field(1, ge=0, description="Hard-negative sampler: minimum negatives per image.")
-    focal_alpha: float = Field(0.25, ge=0, le=1, description="Focal loss alpha.")
-    focal_gamma: float = Field(2.0, ge=0, description="Focal loss gamma.")
+    focal_alpha: float = Field(0.75, ge=0, le=1, description="Focal loss alpha (weight of the positives).")
+    focal_gamma: float = Field(1.0, ge=0, description="Focal loss gamma.")
+    cls_prior: float = Field(0.01, gt=0, lt=1, description="Initial foreground probability of every anchor.")
     box_weights: Vector6 = Field((1.0, 1.0, 1.0, 1.0, 1.0, 1.0), description="Box coder weights.")
-    cls_weight: float = Field(1.0, ge=0, description="Weight of the classification loss.")
-    reg_weight: float = Field(1.0, ge=0, description="Weight of the box regression loss.")
-    seg_weight: float = Field(1.0, ge=0, description="Weight of the auxiliary segmentation loss.")
+    cls_weight: float = Field(0.3, ge=0, description="Weight of the focal loss (summed over all anchors, mean "
+                              "over classes, divided by the positive-count EMA).")
+    reg_weight: float = Field(1.0, ge=0, description="Weight of the box loss (summed, divided by the EMA).")
+    reg_smooth_l1_beta: float = Field(1.0, ge=0, description="Smooth-L1 change point of the box loss (nnDetection's "
+                                      "L1Regressor default); 0 gives plain L1.")
+    reg_learn_scale: bool = Field(True, description="Learn one scale per head level for the box deltas.")
+    loss_norm_beta: float = Field(0.7, ge=0, lt=1, description="EMA beta of the positive-anchor count that "
+                                  "normalises the box losses (0: this batch's count).")
+    loss_norm_bias_correction_steps: int = Field(5000, ge=0, description="Updates during which the EMA is "
+                                                 "bias-corrected.")
+    seg_ce_weight: float = Field(0.5, ge=0, description="Weight of the segmentation cross-entropy.")
+    seg_dice_weight: float = Field(0.5, ge=0, description="Weight of the segmentation batch Dice loss.")
     score_threshold: float = Field(0.0, ge=0, le=1, description="Per-tile score threshold at inference (kept: "
                                    "above it).")
     topk_per_level: int = Field(10000, gt=0, description="Candidates kept per level before NMS.")
