@@ -154,7 +154,7 @@ def predict_case(
         raise ValueError(f"expected an image [C, Z, Y, X], got shape {image.shape}")
     if len(patch_size) != 3:
         raise ValueError(f"patch_size must have 3 entries, got {list(patch_size)}")
-    detectors = list(detector) if isinstance(detector, (list, tuple)) else [detector]
+    detectors = [detector] if isinstance(detector, nn.Module) else list(detector)
     if not detectors:
         raise ValueError("predict_case needs at least one detector")
     patch = [int(p) for p in patch_size]
