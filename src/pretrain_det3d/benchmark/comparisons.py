@@ -7,9 +7,10 @@
   arrays through a small ``nnUNetBaseDataset`` adapter (``NnUNetArrayDatasetFactory``); its pipeline does a little
   more augmentation (blur, low-resolution simulation) and ours a little more bookkeeping (boxes per patch).
 - Training step: our Retina U-Net ``train_step`` against MONAI's ``RetinaNetDetector`` built on the very same
-  ResEnc encoder + FPN features (``ResEncFeatures``), same anchors, ATSS matcher and hard-negative sampler,
-  same optimiser, clipping and autocast. MONAI's heads (4 convs) and losses differ from ours (2 convs, plus the
-  auxiliary segmentation loss), which is part of what the ratio measures.
+  ResEnc encoder + UFPN features (``ResEncFeatures``), same anchors, ATSS matcher and focal terms over all anchors,
+  same optimiser, clipping and autocast. MONAI's heads (4 convs) and losses differ from ours (2 convs with
+  GroupNorm, the EMA-normalised losses, plus the auxiliary segmentation loss), which is part of what the ratio
+  measures.
 
 Example:
     >>> compare_loaders(records, (32, 32, 32), batch_size=2, num_workers=0, seed=0)["ratio"]  # doctest: +SKIP
@@ -159,22 +160,12 @@ class ResEncFeatures(nn.Module):
         self.out_channels = int(retina.decoder_widths[retina.head_levels[0]])
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        r = self.retina
-        skips = r.encoder(images)
-        decoded: list[torch.Tensor] = [torch.empty(0)] * len(skips)
-        coarser = None
-        for level in reversed(range(len(skips))):  # the same top-down pass as RetinaUNet.forward
-            merged = r.laterals[level](skips[level])
-            if coarser is not None:
-                projected = r.top_down[level](coarser)
-                merged = merged + nn.functional.interpolate(projected, size=merged.shape[2:], mode="nearest")
-            coarser = r.smooth[level](merged)
-            decoded[level] = coarser
-        return [decoded[level] for level in r.head_levels]
+        decoded = self.retina.decode(images)  # the same encoder + UFPN pass as RetinaUNet.forward
+        return [decoded[level] for level in self.retina.head_levels]
 
 
 def build_monai_detector(retina: nn.Module):
-    """MONAI ``RetinaNetDetector`` on ``retina``'s features, anchors, ATSS and hard-negative settings."""
+    """MONAI ``RetinaNetDetector`` on ``retina``'s features, anchors, ATSS settings and focal terms (all anchors)."""
     from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
     from monai.apps.detection.networks.retinanet_network import RetinaNet
     from monai.losses import FocalLoss
@@ -183,11 +174,8 @@ def build_monai_detector(retina: nn.Module):
                         feature_extractor=ResEncFeatures(retina), size_divisible=retina.stage_strides[-1])
     detector = RetinaNetDetector(network, retina.anchor_generator)
     detector.set_atss_matcher(num_candidates=retina.matcher.num_candidates, center_in_gt=retina.matcher.center_in_gt)
-    sampler = retina.sampler
-    detector.set_hard_negative_sampler(batch_size_per_image=sampler.batch_size_per_image,
-                                       positive_fraction=sampler.positive_fraction, pool_size=sampler.pool_size,
-                                       min_neg=sampler.min_neg)
-    detector.set_cls_loss(FocalLoss(reduction="mean", gamma=retina.focal_gamma))
+    # no sampler: like ours (the release's recipe), the classification loss covers every anchor
+    detector.set_cls_loss(FocalLoss(reduction="mean", gamma=retina.focal_gamma, alpha=retina.focal_alpha))
     detector.set_target_keys(box_key="boxes", label_key="labels")
     return detector
 
