@@ -250,6 +250,13 @@ def cmd_config_docs(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def cmd_cluster_check(args: argparse.Namespace) -> None:
+    from pretrain_det3d.cluster_check import cluster_check
+
+    if cluster_check(args):
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pretrain_det3d", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -387,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("config-docs", cmd_config_docs, "write the config's JSON schema and key reference (config/README.md)")
     p.add_argument("--root", type=Path, default=Path("."), help="repository root")
     p.add_argument("--check", action="store_true", help="only check that the generated files are up to date")
+
+    p = verb("cluster-check", cmd_cluster_check,
+             "submit one tiny job through the SLURM profile(s) and report partition, GPUs, signal and status polling")
+    from pretrain_det3d.cluster_check import add_arguments as cluster_check_arguments
+
+    cluster_check_arguments(p)
 
     p = verb("demo-table", cmd_demo_table, "rewrite the README's demo table from a finished run's main results")
     p.add_argument("--main-results", type=Path, default=Path("results/tables/main_results.csv"))
