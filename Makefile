@@ -51,6 +51,19 @@ test: install
 	bash tests/system/ensure_test_system.sh
 	$(RUN) python -m pytest -q
 
+## Submit one tiny job through the SLURM profile(s) and report, in about a minute, the partition and node, CPUs and
+## GPUs, whether the time-limit signal reaches the job's program, and whether Snakemake's status polling works:
+##   make cluster-check PROFILE="profiles/slurm profiles/slurm-cpu" [PARTITION=short] [CHECK_ARGS="--timeout 300"]
+## (python -m pretrain_det3d cluster-check --help lists the options). Run it on a login node, in a folder the
+## compute nodes see.
+PROFILE ?= profiles/slurm
+PARTITION ?=
+CHECK_ARGS ?=
+.PHONY: cluster-check
+cluster-check: install
+	$(RUN) python -m pretrain_det3d cluster-check $(foreach p,$(PROFILE),--profile $(p)) \
+	  $(if $(PARTITION),--partition $(PARTITION)) $(CHECK_ARGS)
+
 ## Rewrite the README's demo table (between its demo-table markers) from the last demo's
 ## results/tables/main_results.csv, dated by its metric files.
 .PHONY: demo-table
