@@ -1,4 +1,4 @@
-"""Tests for models.deformable_detr: paper defaults, shapes, losses, gradients, post-processing, checkpoint
+"""Tests for models.deformable_detr: release defaults, shapes, losses, gradients, post-processing, checkpoint
 transfer, save/load, and an overfit run scored with the study's own AP."""
 
 from __future__ import annotations
@@ -48,24 +48,29 @@ def _targets() -> list[dict[str, torch.Tensor]]:
     ]
 
 
-def test_registered_and_default_knobs_are_the_papers() -> None:
+def test_registered_and_default_knobs_are_the_releases() -> None:
     assert get_detector_class("deformable_detr") is DeformableDETR
     torch.manual_seed(0)
     model = build_detector("deformable_detr", {"preset": "resenc_l"}, 1, 1, {})
     assert model.feature_strides == [4, 8, 16, 32] and model.num_levels == 4
-    assert model.hidden_dim == 128 and model.num_queries == 300
+    assert model.hidden_dim == 128 and model.num_queries == 12  # no boxes in the plan: the planner's floor
     assert len(model.encoder_layers) == 3 and len(model.decoder_layers) == 6
     attentions = [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention3D)]
     assert len(attentions) == 3 + 6
     assert {(a.num_heads, a.num_levels, a.num_points) for a in attentions} == {(8, 4, 4)}
     assert model.encoder_layers[0].ffn.linear1.out_features == 1024
     assert [type(m[1]).__name__ for m in model.input_proj] == ["GroupNorm"] * 4
+    assert {m[1].num_groups for m in model.input_proj} == {16}
     assert [m[0].kernel_size for m in model.input_proj] == [(1, 1, 1)] * 4
     assert len(model.box_heads[0].layers) == 3  # 3-layer MLP box head
     matcher = model.matcher
     assert (matcher.cost_class, matcher.cost_bbox, matcher.cost_giou) == (2.0, 5.0, 2.0)
-    assert model.loss_weights == {"cls": 2.0, "l1": 5.0, "giou": 2.0}
-    assert model.max_detections == 100
+    assert (matcher.focal_gamma, matcher.focal_alpha) == (model.focal_gamma, model.focal_alpha) == (1.0, 0.75)
+    assert model.loss_weights == {"cls": 1.0, "l1": 5.0, "giou": 2.0}
+    assert model.max_detections == model.num_queries
+    prior = torch.sigmoid(model.class_heads[0].bias).item()
+    assert prior == pytest.approx(0.05)
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     assert len(model.class_heads) == len(model.box_heads) == 6 + 1  # every decoder layer + the proposals
     # The transformer's encoder is exactly the ResEnc-L encoder of the pre-training U-Net.
     unet_keys = {k for k in build_resenc_unet("resenc_l", 1, 1).state_dict() if k.startswith("encoder.")}
@@ -73,12 +78,17 @@ def test_registered_and_default_knobs_are_the_papers() -> None:
 
 
 def test_training_defaults_are_adamw_and_the_trainer_reads_them() -> None:
-    assert TRAINING_DEFAULTS == {"optimizer": "adamw", "lr": 3e-4, "weight_decay": 1e-4, "warmup_iterations": 10000}
+    assert TRAINING_DEFAULTS == {"optimizer": "adamw", "lr": 3e-4, "weight_decay": 1e-4, "adam_eps": 1e-4,
+                                 "amsgrad": True, "warmup_iterations": 10000, "amp_dtype": "float16"}
     assert DeformableDETR.training_defaults is TRAINING_DEFAULTS
     settings = TrainingSettings.from_settings({"iterations": 20000}, **DeformableDETR.training_defaults)
     optimizer = build_optimizer(torch.nn.Linear(2, 2).parameters(), vars(settings))
     assert isinstance(optimizer, torch.optim.AdamW)
     assert optimizer.defaults["lr"] == 3e-4 and optimizer.defaults["weight_decay"] == 1e-4
+    assert optimizer.defaults["eps"] == 1e-4 and optimizer.defaults["amsgrad"] is True
+    assert optimizer.defaults["betas"] == (0.9, 0.999)
+    generic = build_optimizer(torch.nn.Linear(2, 2).parameters(), {"optimizer": "adamw", "lr": 1.0, "weight_decay": 0})
+    assert generic.defaults["eps"] == 1e-8 and generic.defaults["amsgrad"] is False  # torch's defaults elsewhere
     assert settings.warmup_iterations == 10000
 
 
@@ -164,7 +174,7 @@ def test_set_losses_match_a_hand_computation() -> None:
     target = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.6, 0.2, 0.2, 0.2]])}]
     terms = model._set_losses(logits, boxes, target, num_boxes=1.0)
     # Query 0 is the obvious match. Focal loss: positive for query 0, negative for the others.
-    alpha, gamma = 0.25, 2.0
+    alpha, gamma = 0.75, 1.0
     p = torch.sigmoid(logits.view(-1)).tolist()
     focal = alpha * (1 - p[0]) ** gamma * -math.log(p[0])
     focal += sum((1 - alpha) * q**gamma * -math.log(1 - q) for q in p[1:])
@@ -196,7 +206,7 @@ def test_predict_caps_detections_and_applies_the_threshold() -> None:
     assert result["boxes"].shape == (100, 6) and result["scores"].shape == (100,)
     assert torch.all(result["scores"][:-1] >= result["scores"][1:])
     assert torch.all(result["boxes"][:, 3:] <= 32) and torch.all(result["boxes"][:, :3] >= 0)
-    strict = _tiny(score_threshold=0.5)  # fresh heads score about the 0.01 prior
+    strict = _tiny(score_threshold=0.5)  # fresh heads score about the 0.05 prior
     (nothing,) = strict.predict(torch.randn(1, 1, 32, 32, 32))
     assert nothing["boxes"].shape == (0, 6)
 

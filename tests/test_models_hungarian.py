@@ -49,12 +49,12 @@ def test_cost_matrix_matches_hand_formulas() -> None:
     boxes = _random_boxes(g, 4).double()
     labels = torch.tensor([2, 0])
     targets = _random_boxes(g, 2).double()
-    alpha, gamma = 0.25, 2.0
+    alpha, gamma, eps = 0.75, 1.0, 1e-6  # the release's focal terms (the loss's) and its log epsilon
     cost = matching_cost(logits, boxes, labels, targets, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0)
     assert cost.shape == (4, 2)
     for q, t in itertools.product(range(4), range(2)):
         p = 1 / (1 + math.exp(-logits[q, labels[t]].item()))
-        focal = alpha * (1 - p) ** gamma * -math.log(p) - (1 - alpha) * p**gamma * -math.log(1 - p)
+        focal = alpha * (1 - p) ** gamma * -math.log(p + eps) - (1 - alpha) * p**gamma * -math.log(1 - p + eps)
         l1 = sum(abs(a - b) for a, b in zip(boxes[q].tolist(), targets[t].tolist()))
         giou = _giou_by_hand(boxes[q].tolist(), targets[t].tolist())
         expected = 2.0 * focal + 5.0 * l1 - 2.0 * giou

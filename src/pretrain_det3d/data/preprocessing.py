@@ -451,6 +451,8 @@ def run_preprocessing(
             "class_names": list(summary.class_names),
             "median_shape": [int(v) for v in np.rint(np.median([meta["shape"] for meta in metas], axis=0))],
             "box_sizes": box_sizes,
+            # per-case corner boxes in preprocessed voxels: the DETR plans its queries per patch from them
+            "case_boxes": {meta["case_id"]: meta["boxes"] for meta in metas},
             "case_ids": list(summary.case_ids),
             "num_folds": int(num_folds),
             "seed": int(seed),

@@ -1,37 +1,47 @@
 """Two-stage 3D Deformable DETR on a ResEnc encoder.
 
 Architecture (after Zhu et al., ICLR 2021, "Deformable DETR", two-stage variant with iterative box
-refinement, carried to 3D; the paper's knobs are the module-level defaults):
+refinement, carried to 3D). The defaults are those of the authors' release inside nnDetection
+(``nndet/conf/train/model_cfg/deformable_detr_sigm_for_ResEnc.yaml`` built by ``ResEnc_BoxDETR_v002.py``), taken
+from :class:`~pretrain_det3d.settings.detectors.DeformableDETRSettings`; docs/settings.md names each source:
 
 - ``self.encoder``: :func:`~pretrain_det3d.models.backbone.build_resenc_encoder`, so pre-trained stems and
   stages load with :func:`~pretrain_det3d.models.checkpoint.load_pretrained_encoder` (transformer and heads
   stay random).
 - Channel mapper: the encoder stages at ``feature_strides`` (default: the deepest four) each get a 1x1 conv +
-  GroupNorm to ``hidden_dim``; ``extra_levels`` further levels come from 3x3 stride-2 convs + GroupNorm on the
-  deepest stage (Deformable DETR's recipe when the backbone has too few stages). Four levels in all by default.
-- Every token gets a 3D sine position embedding (:func:`sine_position_embedding_3d`) plus a learnt level
-  embedding.
+  GroupNorm (16 groups) to ``hidden_dim``, no activation; ``extra_levels`` further levels come from 3x3
+  stride-2 convs + GroupNorm on the deepest stage (Deformable DETR's recipe when the backbone has too few
+  stages; the release uses none on ResEnc-L). Four levels in all by default.
+- Every token gets a 3D sine position embedding (:func:`sine_position_embedding_3d`, normalised coordinates,
+  temperature 10000) plus a learnt level embedding.
 - Transformer encoder: ``num_encoder_layers`` x (multi-scale deformable self-attention from each voxel
-  centre, add & LayerNorm, FFN, add & LayerNorm).
+  centre, add & LayerNorm, FFN, add & LayerNorm); hidden 128, 8 heads, 4 points, FFN 1024, no dropout.
 - Two stage: every encoder token proposes a box (its voxel centre, size ``proposal_base_size * 2**level``),
   refined by an encoder box head and scored by an encoder class head; the ``num_queries`` best proposals become
   the decoder's reference boxes, and a sine embedding of those boxes gives the query content and position.
 - Transformer decoder: ``num_decoder_layers`` x (self-attention between queries, deformable cross-attention
-  around the reference box, FFN), each followed by its own class head (linear, sigmoid) and 3-layer MLP box
-  head that refines the reference box (normalised centre-size ``(cz, cy, cx, dz, dy, dx)``).
+  around the reference box, FFN), each followed by its own class head (linear, sigmoid, bias set for the prior
+  ``cls_prior`` 0.05) and 3-layer MLP box head that refines the reference box (normalised centre-size
+  ``(cz, cy, cx, dz, dy, dx)``).
+- Queries: ``num_queries`` (= proposals kept and detections per patch) is planned from the training boxes by
+  :func:`plan_num_queries` (the release's rule: at least 12, else 3 x the 95th percentile of the boxes
+  expected in one patch).
 
-Training: Hungarian matching (:mod:`pretrain_det3d.models.hungarian`, costs class 2 / L1 5 / GIoU 2) for
-every decoder layer and for the encoder proposals; sigmoid focal classification over all queries, L1 and
-GIoU on matched boxes, weights 2 / 5 / 2, each normalised by the number of ground-truth boxes in the batch.
-The segmentation passed to :meth:`DeformableDETR.compute_losses` is not used (no auxiliary segmentation).
+Training: Hungarian matching (:mod:`pretrain_det3d.models.hungarian`, costs focal class 2 / L1 5 / GIoU 2,
+the class cost with the loss's focal gamma and alpha) for every decoder layer and for the encoder proposals;
+sigmoid focal classification (gamma 1, alpha 0.75) over all queries, summed over queries and averaged over
+classes, L1 and GIoU on matched boxes, weights 1 / 5 / 2, each divided by the number of ground-truth boxes in
+the batch. The segmentation passed to :meth:`DeformableDETR.compute_losses` is not used (no auxiliary
+segmentation).
 
-Inference: sigmoid scores of the last decoder layer, the ``max_detections`` best (query, class) pairs, boxes
-scaled to patch voxels (MONAI standard mode, z-y-x, max exclusive) and clipped to the patch. No NMS (the
-one-to-one matching teaches queries not to duplicate).
+Inference: sigmoid scores of the last decoder layer, the ``max_detections`` best (query, class) pairs (default:
+``num_queries``, as the release's top-k post-processing), boxes scaled to patch voxels (MONAI standard mode,
+z-y-x, max exclusive) and clipped to the patch. No NMS (the one-to-one matching teaches queries not to
+duplicate).
 
-Fine-tuning defaults (AdamW, lr 3e-4, weight decay 1e-4, poly decay, 10000 linear warm-up iterations) are
-:attr:`DeformableDETR.training_defaults`; the config's ``detectors.deformable_detr`` entry sets them for the
-trainer.
+Fine-tuning defaults (AdamW lr 3e-4, weight decay 1e-4, betas 0.9/0.999, eps 1e-4, AMSGrad, poly decay, 10000
+linear warm-up iterations, fp16 mixed precision with loss scaling) are :attr:`DeformableDETR.training_defaults`;
+the config's ``detectors.deformable_detr`` entry overrides them for the trainer.
 
 Example:
     >>> import torch
@@ -46,9 +56,11 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data.box_utils import box_pair_giou
@@ -68,7 +80,9 @@ from pretrain_det3d.models.hungarian import (
 from pretrain_det3d.models.registry import DETECTORS
 from pretrain_det3d.settings.detectors import DeformableDETRSettings, training_defaults
 
-# Architecture defaults (the paper's).
+LOGGER = logging.getLogger(__name__)
+
+# Architecture defaults (the release's, from the settings class).
 DEFAULT_NUM_FEATURE_LEVELS = 4
 DEFAULT_EXTRA_LEVELS = DeformableDETRSettings.default("extra_levels")
 DEFAULT_HIDDEN_DIM = DeformableDETRSettings.default("hidden_dim")
@@ -78,12 +92,15 @@ DEFAULT_NUM_ENCODER_LAYERS = DeformableDETRSettings.default("num_encoder_layers"
 DEFAULT_NUM_DECODER_LAYERS = DeformableDETRSettings.default("num_decoder_layers")
 DEFAULT_FFN_DIM = DeformableDETRSettings.default("ffn_dim")
 DEFAULT_DROPOUT = DeformableDETRSettings.default("dropout")
-DEFAULT_NUM_QUERIES = DeformableDETRSettings.default("num_queries")
+DEFAULT_MIN_QUERIES = DeformableDETRSettings.default("min_queries")
+#: the release plans num_queries as max(min_queries, QUERIES_PER_EXPECTED_BOX x 95th percentile of boxes per patch)
+QUERIES_PER_EXPECTED_BOX = 3
+EXPECTED_BOXES_PERCENTILE = 95
 DEFAULT_GROUP_NORM_GROUPS = DeformableDETRSettings.default("group_norm_groups")
 # normalised size of finest-level proposals; doubles per level
 DEFAULT_PROPOSAL_BASE_SIZE = DeformableDETRSettings.default("proposal_base_size")
-POSITION_TEMPERATURE = 10000.0
-PRIOR_PROBABILITY = 0.01  # initial foreground probability of every query (focal-loss bias init)
+POSITION_TEMPERATURE = DeformableDETRSettings.default("position_temperature")
+DEFAULT_CLS_PRIOR = DeformableDETRSettings.default("cls_prior")  # initial foreground probability of every query
 INVERSE_SIGMOID_EPS = 1e-5
 
 # Loss defaults.
@@ -97,7 +114,7 @@ DEFAULT_GIOU_WEIGHT = DeformableDETRSettings.default("giou_weight")
 DEFAULT_MAX_DETECTIONS = DeformableDETRSettings.default("max_detections")
 DEFAULT_SCORE_THRESHOLD = DeformableDETRSettings.default("score_threshold")
 
-#: Fine-tuning schedule of the paper's DETR (keys of ``training.trainer.TrainingSettings``).
+#: Fine-tuning recipe of the release's DETR (keys of ``training.trainer.TrainingSettings``).
 TRAINING_DEFAULTS: dict[str, Any] = training_defaults("deformable_detr")
 
 
@@ -252,6 +269,49 @@ class DeformableDecoderLayer(nn.Module):
         return self.ffn(tgt)
 
 
+def boxes_near_each_box(boxes: np.ndarray, patch_size: Sequence[int]) -> np.ndarray:
+    """For each box, how many boxes (itself included) have their centre within half a patch on every axis.
+
+    The release's proxy for the boxes one training patch can hold (a patch centred on that box's centre).
+
+    Example:
+        >>> boxes_near_each_box(np.array([[0, 0, 0, 2, 2, 2], [8, 0, 0, 10, 2, 2], [40, 0, 0, 42, 2, 2]]), [32] * 3)
+        array([2, 2, 1])
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
+    centres = (boxes[:, :3] + boxes[:, 3:]) / 2
+    half = np.asarray(patch_size, dtype=np.float64) / 2
+    within = (np.abs(centres[:, None, :] - centres[None, :, :]) <= half).all(axis=-1)  # [N, N]
+    return within.sum(axis=1)
+
+
+def plan_num_queries(
+    case_boxes: Iterable[Any], patch_size: Sequence[int], min_queries: int = DEFAULT_MIN_QUERIES
+) -> int:
+    """Queries (= two-stage proposals and detections per patch) planned from the training boxes, the release's rule.
+
+    Per training image with boxes, the estimate is the largest :func:`boxes_near_each_box` count; the number is
+    ``max(min_queries, 3 * int(95th percentile of the estimates))`` (numpy's linear percentile). Images
+    without boxes do not count; with no boxes at all it is ``min_queries``. Boxes are corner boxes in the voxels
+    of the training patches.
+
+    Example:
+        >>> plan_num_queries([[[0, 0, 0, 2, 2, 2]] * 5, [[0, 0, 0, 2, 2, 2]] * 6], [32, 32, 32])
+        15
+        >>> plan_num_queries([], [32, 32, 32])
+        12
+    """
+    estimates = [int(boxes_near_each_box(boxes, patch_size).max()) for boxes in case_boxes if len(boxes)]
+    if not estimates:
+        return int(min_queries)
+    expected = int(np.percentile(estimates, EXPECTED_BOXES_PERCENTILE))
+    return max(int(min_queries), QUERIES_PER_EXPECTED_BOX * expected)
+
+
+def _cube(patch_size: int | Sequence[int]) -> list[int]:
+    return [int(patch_size)] * 3 if isinstance(patch_size, (int, float)) else [int(v) for v in patch_size]
+
+
 def resolve_feature_strides(
     preset: str, feature_strides: Sequence[int] | None, extra_levels: int = DEFAULT_EXTRA_LEVELS
 ) -> list[int]:
@@ -307,21 +367,25 @@ class DeformableDETR(nn.Module):
         num_decoder_layers: int = DEFAULT_NUM_DECODER_LAYERS,
         ffn_dim: int = DEFAULT_FFN_DIM,
         dropout: float = DEFAULT_DROPOUT,
-        num_queries: int = DEFAULT_NUM_QUERIES,
+        num_queries: int | None = None,
         group_norm_groups: int = DEFAULT_GROUP_NORM_GROUPS,
         proposal_base_size: float = DEFAULT_PROPOSAL_BASE_SIZE,
+        position_temperature: float = POSITION_TEMPERATURE,
         cost_class: float = DEFAULT_COST_CLASS,
         cost_bbox: float = DEFAULT_COST_BBOX,
         cost_giou: float = DEFAULT_COST_GIOU,
         focal_alpha: float = DEFAULT_FOCAL_ALPHA,
         focal_gamma: float = DEFAULT_FOCAL_GAMMA,
+        cls_prior: float = DEFAULT_CLS_PRIOR,
         cls_weight: float = DEFAULT_CLS_WEIGHT,
         l1_weight: float = DEFAULT_L1_WEIGHT,
         giou_weight: float = DEFAULT_GIOU_WEIGHT,
-        max_detections: int = DEFAULT_MAX_DETECTIONS,
+        max_detections: int | None = DEFAULT_MAX_DETECTIONS,
         score_threshold: float = DEFAULT_SCORE_THRESHOLD,
     ) -> None:
         super().__init__()
+        num_queries = DEFAULT_MIN_QUERIES if num_queries is None else int(num_queries)
+        max_detections = num_queries if max_detections is None else int(max_detections)
         if num_decoder_layers < 1 or num_encoder_layers < 0 or num_queries < 1:
             raise ValueError("need num_decoder_layers >= 1, num_encoder_layers >= 0 and num_queries >= 1")
         self.num_classes = int(num_classes)
@@ -332,6 +396,7 @@ class DeformableDETR(nn.Module):
         self.num_levels = len(self.feature_stages) + int(extra_levels)
         self.hidden_dim, self.num_queries = hidden_dim, num_queries
         self.proposal_base_size = proposal_base_size
+        self.position_temperature = float(position_temperature)
         self.max_detections, self.score_threshold = max_detections, score_threshold
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.loss_weights = {"cls": cls_weight, "l1": l1_weight, "giou": giou_weight}
@@ -364,7 +429,7 @@ class DeformableDETR(nn.Module):
         # Heads: one per decoder layer (iterative refinement) plus one for the encoder proposals (last).
         class_head = nn.Linear(hidden_dim, self.num_classes)
         box_head = MLP(hidden_dim, hidden_dim, 6, 3)
-        nn.init.constant_(class_head.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
+        nn.init.constant_(class_head.bias, -math.log((1 - cls_prior) / cls_prior))
         nn.init.zeros_(box_head.layers[-1].weight)  # start each refinement at its reference box
         nn.init.zeros_(box_head.layers[-1].bias)
         self.class_heads = nn.ModuleList(copy.deepcopy(class_head) for _ in range(num_decoder_layers + 1))
@@ -379,12 +444,18 @@ class DeformableDETR(nn.Module):
     ) -> dict[str, Any]:
         """JSON-able constructor arguments: ``settings["preset"]`` plus any constructor keyword in ``settings``.
 
-        Training keys (``iterations``, ``lr``, ...) are ignored here; the plan is not needed (no anchors).
+        Training keys (``iterations``, ``lr``, ...) are ignored here, except ``patch_size``: unless
+        ``settings["num_queries"]`` gives it, the number of queries is planned by :func:`plan_num_queries` from
+        ``plan["case_boxes"]`` (``{case: [[z0, y0, x0, z1, y1, x1], ...]}`` in preprocessed voxels) and the training
+        patch size, with ``settings["min_queries"]`` as the floor. A preprocessing plan (it lists ``case_ids``)
+        without ``case_boxes`` (written before per-case boxes were recorded) is an error; any other plan without
+        them (a hand-made one) gives the floor.
 
         Example:
-            >>> kwargs = DeformableDETR.build_kwargs_from_settings({"preset": "resenc_l", "lr": 3e-4}, 1, 1, {})
-            >>> kwargs["feature_strides"]
-            [4, 8, 16, 32]
+            >>> plan = {"case_boxes": {"a": [[0, 0, 0, 4, 4, 4]] * 6}}
+            >>> kwargs = DeformableDETR.build_kwargs_from_settings({"preset": "resenc_l", "lr": 3e-4}, 1, 1, plan)
+            >>> kwargs["feature_strides"], kwargs["num_queries"]
+            ([4, 8, 16, 32], 18)
         """
         if "preset" not in settings:
             raise KeyError("detector settings need a 'preset' (backbone preset name)")
@@ -394,7 +465,24 @@ class DeformableDETR(nn.Module):
         kwargs["feature_strides"] = resolve_feature_strides(
             settings["preset"], settings.get("feature_strides"), kwargs["extra_levels"]
         )
+        if kwargs.get("num_queries") is None:
+            kwargs["num_queries"] = cls.planned_num_queries(settings, plan)
         return {"in_channels": int(in_channels), "num_classes": int(num_classes), **kwargs}
+
+    @staticmethod
+    def planned_num_queries(settings: Mapping[str, Any], plan: Mapping[str, Any]) -> int:
+        """:func:`plan_num_queries` for the training patch size of ``settings`` and the boxes of ``plan``."""
+        patch = _cube(settings.get("patch_size", DeformableDETRSettings.default("patch_size")))
+        min_queries = int(settings.get("min_queries", DEFAULT_MIN_QUERIES))
+        if "case_boxes" not in plan:
+            if "case_ids" in plan:  # a preprocessing plan.json written before per-case boxes were recorded
+                raise ValueError(
+                    "deformable_detr plans num_queries from the plan's per-case boxes ('case_boxes'), which this "
+                    "plan.json lacks (written by an older version): rerun preprocessing, or set num_queries"
+                )
+            LOGGER.info("deformable_detr: the plan has no per-case boxes; num_queries = min_queries = %d", min_queries)
+            return min_queries
+        return plan_num_queries(plan["case_boxes"].values(), patch, min_queries)
 
     # ------------------------------------------------------------------ forward
 
@@ -430,7 +518,8 @@ class DeformableDETR(nn.Module):
             shape = tuple(feature.shape[2:])
             shapes.append(shape)
             tokens.append(feature.flatten(2).transpose(1, 2))  # [B, C, Z, Y, X] -> [B, N_l, C]
-            pos = sine_position_embedding_3d(shape, self.hidden_dim, device=device) + self.level_embed[level]
+            pos = sine_position_embedding_3d(shape, self.hidden_dim, self.position_temperature, device)
+            pos = pos + self.level_embed[level]
             positions.append(pos)
             level_centres = voxel_centres(shape, device)  # [N_l, 3]
             centres.append(level_centres)
@@ -455,7 +544,8 @@ class DeformableDETR(nn.Module):
         top = enc_logits.max(dim=-1).values.topk(num_queries, dim=1).indices  # [B, Q]
         reference = enc_unact.gather(1, top[..., None].expand(-1, -1, 6)).detach().sigmoid()  # [B, Q, 6]
 
-        embedded = self.pos_trans_norm(self.pos_trans(sine_embedding(reference, [self.box_feats_per_coord] * 6)))
+        box_embedding = sine_embedding(reference, [self.box_feats_per_coord] * 6, self.position_temperature)
+        embedded = self.pos_trans_norm(self.pos_trans(box_embedding))
         query_pos, tgt = embedded.to(src.dtype).split(self.hidden_dim, dim=-1)  # [B, Q, C] each
 
         all_logits, all_boxes = [], []
@@ -496,7 +586,9 @@ class DeformableDETR(nn.Module):
             one_hot[index, query_idx, targets[index]["labels"][target_idx]] = 1.0
             matched_pred.append(boxes[index, query_idx])
             matched_target.append(targets[index]["boxes"][target_idx])
-        cls = sigmoid_focal_loss(logits, one_hot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum")
+        # summed over queries, averaged over classes (the release's "mean_last_sum" reduction)
+        focal = sigmoid_focal_loss(logits, one_hot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none")
+        cls = focal.mean(dim=-1).sum()
         pred, target = torch.cat(matched_pred), torch.cat(matched_target)
         if pred.shape[0]:
             l1 = F.l1_loss(pred, target, reduction="sum")

@@ -80,13 +80,23 @@ class RetinaUNetSettings(DetectorSettings):
 
 
 class DeformableDETRSettings(DetectorSettings):
-    """Two-stage 3D Deformable DETR on a ResEnc encoder (``models.deformable_detr.DeformableDETR``)."""
+    """Two-stage 3D Deformable DETR on a ResEnc encoder (``models.deformable_detr.DeformableDETR``).
 
-    # the DETR's own optimiser recipe (DESIGN.md: AdamW lr 3e-4, wd 1e-4, 10000 warm-up iterations)
+    Defaults are nnDetection's release (``residual_encoder_def_detr_v002``: model config
+    ``deformable_detr_sigm_for_ResEnc``, trainer ``adamw_100ep_high_lr_wd[_warm]``, ``gpu1_mixed16``);
+    docs/settings.md names the source of each.
+    """
+
+    # the DETR's own optimiser recipe (adamw_100ep_high_lr_wd; the 10000-step warm-up is its _warm variant)
     optimizer: Literal["sgd", "adamw"] = Field("adamw", description="SGD with Nesterov momentum, or AdamW.")
     lr: float = Field(3e-4, ge=0, description="Peak learning rate.")
     weight_decay: float = Field(1e-4, ge=0, description="Weight decay.")
+    adam_eps: float = Field(1e-4, gt=0, description="AdamW: eps added to the denominator.")
+    amsgrad: bool = Field(True, description="AdamW: the AMSGrad variant.")
     warmup_iterations: int = Field(10000, ge=0, description="Linear warm-up steps (must be below iterations).")
+    amp_dtype: Literal["auto", "bfloat16", "float16"] = Field(
+        "float16", description="Mixed-precision dtype on CUDA: 'float16' (with loss scaling, the release's "
+        "16-mixed), 'auto' (bf16 where the GPU has it) or 'bfloat16'.")
 
     feature_strides: list[int] | None = Field(None, description="Encoder strides feeding the channel mapper; "
                                               "default: the deepest stages, four levels with extra_levels.")
@@ -97,19 +107,30 @@ class DeformableDETRSettings(DetectorSettings):
     num_encoder_layers: int = Field(3, ge=0, description="Deformable encoder layers.")
     num_decoder_layers: int = Field(6, gt=0, description="Decoder layers.")
     ffn_dim: int = Field(1024, gt=0, description="Feed-forward width.")
-    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout in the transformer.")
-    num_queries: int = Field(300, gt=0, description="Object queries (two-stage: top proposals).")
-    group_norm_groups: int = Field(32, gt=0, description="GroupNorm groups of the channel mapper.")
-    proposal_base_size: float = Field(0.05, gt=0, description="Normalised size of finest-level proposals.")
-    cost_class: float = Field(2.0, ge=0, description="Hungarian matching: classification cost.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout in the transformer (attention, projections, FFN).")
+    num_queries: int | None = Field(None, gt=0, description="Object queries (two-stage: top proposals); default: "
+                                    "planned from the training boxes, max(min_queries, 3 x the 95th percentile "
+                                    "over training images of the most box centres within half a patch of one box).")
+    min_queries: int = Field(12, gt=0, description="Lower bound of the planned num_queries (the release's "
+                             "min_detections_per_img).")
+    group_norm_groups: int = Field(16, gt=0, description="GroupNorm groups of the channel mapper.")
+    proposal_base_size: float = Field(0.05, gt=0, description="Normalised size of finest-level proposals "
+                                      "(doubles per level).")
+    position_temperature: float = Field(10000.0, gt=0, description="Temperature of the sine position "
+                                        "embeddings (feature maps and two-stage proposals).")
+    cost_class: float = Field(2.0, ge=0, description="Hungarian matching: weight of the focal class cost.")
     cost_bbox: float = Field(5.0, ge=0, description="Hungarian matching: L1 box cost.")
     cost_giou: float = Field(2.0, ge=0, description="Hungarian matching: GIoU cost.")
-    focal_alpha: float = Field(0.25, ge=0, le=1, description="Focal loss alpha.")
-    focal_gamma: float = Field(2.0, ge=0, description="Focal loss gamma.")
-    cls_weight: float = Field(2.0, ge=0, description="Weight of the classification loss.")
+    focal_alpha: float = Field(0.75, ge=0, le=1, description="Focal loss alpha (weight of the positives); the "
+                               "matcher's class cost uses the same.")
+    focal_gamma: float = Field(1.0, ge=0, description="Focal loss gamma; the matcher's class cost uses the same.")
+    cls_prior: float = Field(0.05, gt=0, lt=1, description="Initial foreground probability of every query.")
+    cls_weight: float = Field(1.0, ge=0, description="Weight of the focal loss (summed over queries, mean over "
+                              "classes, divided by the boxes in the batch).")
     l1_weight: float = Field(5.0, ge=0, description="Weight of the L1 box loss.")
     giou_weight: float = Field(2.0, ge=0, description="Weight of the GIoU loss.")
-    max_detections: int = Field(100, gt=0, description="Detections kept per tile.")
+    max_detections: int | None = Field(None, gt=0, description="Detections kept per tile (top query-class "
+                                       "pairs); default: num_queries, as the release's TopKBoxPost.")
     score_threshold: float = Field(0.0, ge=0, le=1, description="Per-tile score threshold at inference.")
 
 

@@ -98,6 +98,9 @@ class TrainingSettings(Settings):
     lr: float = Field(0.01, ge=0, description="Peak learning rate, reached after the warm-up; poly decay after.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Nesterov).")
     weight_decay: float = Field(3e-5, ge=0, description="Weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW: (beta1, beta2) (torch's default).")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW: eps added to the denominator (torch's default).")
+    amsgrad: bool = Field(False, description="AdamW: the AMSGrad variant (torch's default: off).")
     warmup_iterations: int = Field(100, ge=0, description="Linear warm-up steps (must be below iterations).")
     warmup_start_lr: float = Field(1e-6, ge=0, description="Learning rate the linear warm-up "
                                    "starts from (nnDetection's warm_lr).")

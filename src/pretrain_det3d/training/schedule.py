@@ -20,10 +20,12 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from pretrain_det3d.settings.training import TrainingSettings
+
 POLY_EXPONENT = 0.9
 SGD_MOMENTUM = 0.9
 OPTIMIZERS = ("sgd", "adamw")
-ADAMW_BETAS = (0.9, 0.999)
+ADAMW_BETAS = TrainingSettings.default("adam_betas")  # torch's (0.9, 0.999); nnDetection's beta1/beta2 too
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,8 @@ class PolyWarmupSchedule:
 def build_optimizer(parameters: Iterable[torch.nn.Parameter], settings: Mapping[str, Any]) -> torch.optim.Optimizer:
     """Build the optimiser named by ``settings["optimizer"]`` (``"sgd"``: Nesterov SGD, or ``"adamw"``).
 
-    Keys read: ``optimizer``, ``lr``, ``weight_decay``, ``momentum`` (SGD only, default 0.9).
+    Keys read: ``optimizer``, ``lr``, ``weight_decay``, ``momentum`` (SGD only, default 0.9), ``adam_betas``,
+    ``adam_eps`` and ``amsgrad`` (AdamW only; defaults: ``TrainingSettings``'s, which are torch's).
 
     Example:
         >>> net = torch.nn.Linear(2, 1)
@@ -94,5 +97,13 @@ def build_optimizer(parameters: Iterable[torch.nn.Parameter], settings: Mapping[
             weight_decay=weight_decay,
         )
     if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, betas=ADAMW_BETAS, weight_decay=weight_decay)
+        betas = tuple(float(b) for b in settings.get("adam_betas", TrainingSettings.default("adam_betas")))
+        return torch.optim.AdamW(
+            parameters,
+            lr=lr,
+            betas=betas,
+            eps=float(settings.get("adam_eps", TrainingSettings.default("adam_eps"))),
+            amsgrad=bool(settings.get("amsgrad", TrainingSettings.default("amsgrad"))),
+            weight_decay=weight_decay,
+        )
     raise ValueError(f"settings key 'optimizer' must be one of {OPTIMIZERS}, got {name!r}")

@@ -271,6 +271,30 @@ def resolve_amp_dtype(device: torch.device, mixed_precision: bool, amp_dtype: st
     return None
 
 
+def uses_loss_scaling(device: torch.device, amp_dtype: torch.dtype | None) -> bool:
+    """Whether a run scales its loss: fp16 autocast on CUDA (fp16's narrow exponent range lets small gradients
+    underflow to zero without it); bf16 and full precision need none.
+
+    Example:
+        >>> cuda = torch.device("cuda")
+        >>> [uses_loss_scaling(cuda, dtype) for dtype in (torch.float16, torch.bfloat16, None)]
+        [True, False, False]
+    """
+    return amp_dtype == torch.float16 and device.type == "cuda"
+
+
+def build_grad_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """``torch.amp.GradScaler`` for ``device``, enabled exactly when :func:`uses_loss_scaling` (the release's
+    "16-mixed": dynamic loss scaling, steps with inf/NaN gradients skipped and the scale halved). A disabled
+    scaler passes the loss and the step through unchanged. Its state goes into every training checkpoint.
+
+    Example:
+        >>> build_grad_scaler(torch.device("cpu"), None).is_enabled()
+        False
+    """
+    return torch.amp.GradScaler(device.type, enabled=uses_loss_scaling(device, amp_dtype))
+
+
 def check_channels_last(channels_last: bool | str) -> None:
     """Refuse a ``channels_last`` setting other than ``"auto"``, true or false, naming the key."""
     if channels_last not in CHANNELS_LAST_CHOICES:
@@ -662,9 +686,7 @@ class IterationTrainer:
         self.optimizer = self.configure_optimizer()
         self.schedule = self.configure_schedule()
         self.amp_dtype = self.configure_amp_dtype()
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda"
-        )
+        self.scaler = build_grad_scaler(self.device, self.amp_dtype)
         self.iteration = 0  # completed iterations
         self.log = _CsvLog(Path(log_path) if log_path is not None else self.out_dir / LOG_NAME)
         self.progress_stream: TextIO | None = None  # where progress goes (None: sys.stderr at run time)
