@@ -195,15 +195,23 @@ def test_report_of_failures_before_the_job_runs():
     assert report["placement"] == ("FAIL", "timeout (60 s): the job never ran the probe; its state: PENDING "
                                            "(reason: Resources)")
     assert report["status"][0] == "FAIL" and "timeout" in report["status"][1]
+    failed = as_dict(cc.report(observation(info=None, job_final_state="FAILED", events=[])))
+    assert failed["placement"][0] == "FAIL" and "state: FAILED" in failed["placement"][1]
+    assert "shared file system" in failed["placement"][1]
     report = as_dict(cc.report(observation(job_id=None, timed_out=True)))
     assert report["submit"][0] == "FAIL" and report["submit"][1].startswith("timeout")
 
 
-def test_no_sbatch_on_path_fails_at_once(monkeypatch, tmp_path):
+def test_no_sbatch_on_path_or_no_profile_fails_at_once(monkeypatch, tmp_path):
     monkeypatch.setattr(cc.shutil, "which", lambda name: None)
     lines, kept = cc.run_check(["profiles/slurm"], workdir=tmp_path)
     assert [(line.name, line.verdict) for line in lines] == [("submit", "FAIL")]
     assert "no `sbatch` on PATH" in lines[0].text and kept is None
+    monkeypatch.setattr(cc.shutil, "which", lambda name: f"/usr/bin/{name}")
+    lines, kept = cc.run_check([str(tmp_path / "no-such-profile")], workdir=tmp_path)
+    assert [(line.name, line.verdict) for line in lines] == [("submit", "FAIL")]
+    assert "cannot read the profiles" in lines[0].text and "no-such-profile" in lines[0].text
+    assert not list(tmp_path.iterdir()), "nothing written before the profiles are read"
 
 
 def run_probe(tmp_path, wait_s, send_signal):

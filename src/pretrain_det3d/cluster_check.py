@@ -433,7 +433,10 @@ def report(obs: Observation) -> list[Line]:
         state = obs.job_final_state or "not started"
         reason = f" (reason: {obs.job_reason})" if obs.job_reason and obs.job_reason not in ("None", "") else ""
         verdict = f"timeout ({obs.timeout:g} s): " if obs.timed_out else ""
-        lines.append(Line("placement", "FAIL", f"{verdict}the job never ran the probe; its state: {state}{reason}"))
+        hint = "" if obs.timed_out else (" (its log is in the kept folder's .snakemake/slurm_logs; a job that fails at "
+                                         "once often cannot see the folder: run the check from a shared file system)")
+        lines.append(Line("placement", "FAIL", f"{verdict}the job never ran the probe; its state: {state}{reason}"
+                                               f"{hint}"))
         lines.append(_status_line(obs))
         return lines
     lines.append(Line("placement", "OK", f"partition {info.get('partition')}, node {info.get('node')}"))
@@ -534,8 +537,11 @@ def run_check(profiles: Sequence[str], partition: str | None = None, timeout: fl
     if shutil.which("sbatch") is None:
         return [Line("submit", "FAIL", "no `sbatch` on PATH: run the check on a SLURM login node (or load the "
                                        "site's slurm module)")], None
-    paths = [resolve_profile(p) for p in profiles]
-    settings = merged_settings(paths)
+    try:
+        paths = [resolve_profile(p) for p in profiles]
+        settings = merged_settings(paths)
+    except (OSError, yaml.YAMLError) as error:
+        return [Line("submit", "FAIL", f"cannot read the profiles: {error}")], None
     sacct_ok, sacct_said = sacct_accounting()
     init_seconds = int(settings.get("slurm-init-seconds-before-status-checks", DEFAULT_INIT_SECONDS))
     obs = Observation(profiles=[str(p) for p in paths], threads=threads, sacct_ok=sacct_ok, sacct_said=sacct_said,
