@@ -21,8 +21,9 @@ The rule is named ``finetune`` so that the profile's ``set-resources`` of the st
 partition, GPU, time-limit signal) apply to it unchanged; its threads and memory are asked through the rule's
 ``threads``/``resources``, as the study's rules do, and its command ``exec``s the probe (``python -m
 pretrain_det3d.cluster_check probe``, run inside the job) through ``pretrain_det3d.utils.attempt_log`` exactly as
-the study's rules run their programs. The scratch folder is made in the current directory (a compute node must see
-it: run the check from the shared file system you run the study from) and removed after a passing check.
+the study's rules run their programs. The scratch folder is made under ``.snakemake/cluster-check/`` of the current
+directory (a compute node must see it: run the check from the shared file system you run the study from) and
+removed after a passing check.
 
 Example (prints one line per check; exit status 1 when any line says FAIL):
     python -m pretrain_det3d cluster-check --profile profiles/slurm --profile profiles/slurm-cpu
@@ -667,7 +668,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--status-grace", type=float, default=STATUS_GRACE_S,
                         help="seconds Snakemake may take to notice the job's end")
     parser.add_argument("--workdir", type=Path, default=None,
-                        help="where the scratch folder goes (default: the current directory; the nodes must see it)")
+                        help="where the scratch folder goes (default: .snakemake/cluster-check in the current "
+                             "directory; the compute nodes must see it)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder of a passing check")
     parser.add_argument("--verbose", action="store_true", help="say on stderr what the check is doing")
 
