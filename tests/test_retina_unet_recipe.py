@@ -74,3 +74,13 @@ def test_loss_recipe_is_the_releases(paper_model: RetinaUNet) -> None:
     assert paper_model.box_selector.detections_per_img == 100
     assert paper_model.dice_loss.batch and paper_model.dice_loss.smooth_nr == 0.0
     assert not hasattr(paper_model, "sampler")  # every anchor enters the classification loss
+
+
+@pytest.mark.parametrize("name", ["retina_unet", "deformable_detr"])
+def test_paper_training_loop_precision_and_clipping_are_the_releases(name: str) -> None:
+    # gpu1_mixed16 (fp16 with loss scaling) and no gradient clipping, for both ResEnc detectors of the paper config
+    from pretrain_det3d.settings.detectors import detector_settings_class
+
+    config = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    settings = detector_settings_class(name).parse(config["detectors"][name], where=f"detectors.{name}")
+    assert (settings.amp_dtype, settings.grad_clip, settings.warmup_start_lr) == ("float16", None, 1e-6)

@@ -147,7 +147,7 @@ def test_detr_training_defaults_come_from_its_settings_class():
 
     assert DeformableDETR.training_defaults == {"optimizer": "adamw", "lr": 3e-4, "weight_decay": 1e-4,
                                                 "adam_eps": 1e-4, "amsgrad": True, "warmup_iterations": 10000,
-                                                "amp_dtype": "float16"}
+                                                "amp_dtype": "float16", "grad_clip": None}
     assert DeformableDETRSettings.default("optimizer") == "adamw"
     assert RetinaUNetSettings.default("optimizer") == TrainingSettings.default("optimizer") == "sgd"
 

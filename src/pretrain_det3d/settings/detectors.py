@@ -32,6 +32,12 @@ class DetectorSettings(TrainingSettings):
     preset: str | None = Field(None, description="Backbone preset; default: the config's top-level 'backbone'.")
     stage_to_local: bool = Field(False, description="Copy the job's training cases to local disk ($TMPDIR) first.")
     stage_dir: str | None = Field(None, description="Where stage_to_local copies to; default $TMPDIR.")
+    # both ResEnc detectors of the release train with gpu1_mixed16 and no gradient clipping (docs/settings.md)
+    amp_dtype: Literal["auto", "bfloat16", "float16"] = Field(
+        "float16", description="Mixed-precision dtype on CUDA: 'float16' (with loss scaling, the release's "
+        "16-mixed), 'auto' (bf16 where the GPU has it) or 'bfloat16'.")
+    grad_clip: float | None = Field(None, gt=0, description="Gradient-norm clipping; null: off (the release "
+                                    "clips nothing).")
 
     @classmethod
     def model_keywords(cls) -> list[str]:
@@ -94,10 +100,6 @@ class DeformableDETRSettings(DetectorSettings):
     adam_eps: float = Field(1e-4, gt=0, description="AdamW: eps added to the denominator.")
     amsgrad: bool = Field(True, description="AdamW: the AMSGrad variant.")
     warmup_iterations: int = Field(10000, ge=0, description="Linear warm-up steps (must be below iterations).")
-    amp_dtype: Literal["auto", "bfloat16", "float16"] = Field(
-        "float16", description="Mixed-precision dtype on CUDA: 'float16' (with loss scaling, the release's "
-        "16-mixed), 'auto' (bf16 where the GPU has it) or 'bfloat16'.")
-
     feature_strides: list[int] | None = Field(None, description="Encoder strides feeding the channel mapper; "
                                               "default: the deepest stages, four levels with extra_levels.")
     extra_levels: int = Field(0, ge=0, description="Extra stride-2 levels made from the deepest feature map.")
