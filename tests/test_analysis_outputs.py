@@ -43,7 +43,8 @@ def snapshot(root: Path) -> dict[Path, int]:
 
 
 def test_registries_list_every_output() -> None:
-    assert FIGURES.names() == ["ap_by_init", "change_vs_scratch", "froc", "rank_distribution", "significance_map"]
+    assert FIGURES.names() == ["ap_by_init", "change_vs_scratch", "detection_examples", "froc", "rank_distribution",
+                              "significance_map"]
     assert TABLES.names() == ["baseline_tests", "main_results_ranked", "pairwise_tests"]
     assert TABLES.get("main_results_ranked").formats == ("csv", "md", "tex")
     assert FIGURES.get("rank_distribution").case_level == "required"

@@ -44,7 +44,9 @@ CONVERTER_MODULES: dict[str, str] = {
 }
 
 #: figures of the report (``analysis.outputs.FIGURES``): results/figures/{name}.png and .pdf
-REPORT_FIGURES: tuple[str, ...] = ("ap_by_init", "change_vs_scratch", "froc", "rank_distribution", "significance_map")
+REPORT_FIGURES: tuple[str, ...] = (
+    "ap_by_init", "change_vs_scratch", "detection_examples", "froc", "rank_distribution", "significance_map"
+)
 
 #: tables of the report (``analysis.outputs.TABLES``) -> the formats each is written in (results/tables/{name}.{fmt})
 REPORT_TABLES: dict[str, tuple[str, ...]] = {

@@ -191,6 +191,16 @@ def _figure_change(context: OutputContext, out_png: Path, out_pdf: Path) -> None
     plot_change_heatmap(_baseline_comparisons(context), out_png, out_pdf, test=context.test())
 
 
+@register_output(FIGURES, "detection_examples", requires=("runs_csv", "predictions_root", "converted_root"),
+                 description="best and worst validation case of each dataset's best run: slices with boxes")
+def _figure_detection_examples(context: OutputContext, out_png: Path, out_pdf: Path) -> None:
+    from pretrain_det3d.analysis.figures_cases import detection_examples, plot_detection_examples
+
+    plot_detection_examples(detection_examples(context.runs(), context.inputs.predictions_root,
+                                               context.inputs.converted_root, metric=context.settings.metric),
+                            out_png, out_pdf)
+
+
 @register_output(FIGURES, "froc", requires=("runs_csv", "metrics_root"),
                  description="FROC curves per dataset, mean over folds")
 def _figure_froc(context: OutputContext, out_png: Path, out_pdf: Path) -> None:
