@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pretrain_det3d.data.boxes import boxes_from_instance_map
+from pretrain_det3d.data.boxes import box_voxel_counts, boxes_from_instance_map
 from pretrain_det3d.data.converters import convert_dataset
 from pretrain_det3d.data.io import read_case, write_case
 from pretrain_det3d.data.luna16_export import LUNA16_COLUMNS, box_centres_to_world, export_luna16_csv
@@ -28,9 +28,14 @@ def test_box_centre_half_voxel_convention() -> None:
     image.SetOrigin((-5.0, 7.0, 100.0))
     image.SetSpacing((0.5, 2.0, 3.0))
     image.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0))  # x and y swapped, z flipped
-    # box (z 2..3, y 4..6, x 1..2) -> centre index (x=1, y=4.5, z=2); by hand:
+    # the mask's voxels z 2, y 4..5, x 1 give the box (1, 3, 0, 3, 6, 2) (one voxel of padding each side);
+    # its centre index is (x=1, y=4.5, z=2), and by hand:
     # world = origin + D @ (spacing * idx) = (-5 + 2*4.5, 7 + 0.5*1, 100 - 3*2)
-    centres = box_centres_to_world(np.array([[2, 4, 1, 3, 6, 2]]), image)
+    mask = np.zeros((10, 10, 10), np.int16)
+    mask[2, 4:6, 1] = 1
+    _, boxes = boxes_from_instance_map(mask)
+    assert boxes.tolist() == [[1, 3, 0, 3, 6, 2]]
+    centres = box_centres_to_world(boxes, image)
     np.testing.assert_allclose(centres, [[4.0, 7.5, 94.0]])
 
 
@@ -48,6 +53,10 @@ def test_export_round_trip_through_converter(tmp_path: Path) -> None:
         "seriesuid,coordX,coordY,coordZ,diameter_mm\n" + f"{UID},{centre[0]},{centre[1]},{centre[2]},5.0\n")
     converted = convert_dataset("luna16", root, tmp_path / "converted", show_progress=False)
     _, boxes = boxes_from_instance_map(read_case(converted, UID).instance_map)
+    # the box of the painted sphere spans its voxels plus one: its voxel count times the spacing is the
+    # 5 mm diameter to within one voxel per axis (spacing z, y, x = 2.0, 0.9, 0.6 mm)
+    diameters_mm = box_voxel_counts(boxes)[0] * np.array([2.0, 0.9, 0.6])
+    assert np.all(np.abs(diameters_mm - 5.0) <= np.array([2.0, 0.9, 0.6])), diameters_mm
     predictions = tmp_path / "predictions"
     predictions.mkdir()
     shifted = boxes[0] + np.array([0, 0, 1, 0, 0, 1])  # a second, weaker candidate one voxel along x

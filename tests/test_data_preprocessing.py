@@ -217,9 +217,11 @@ def test_vanished_instances_are_dropped_and_the_rest_renumbered(tmp_path: Path) 
     assert sorted(np.unique(seg).tolist()) == [0, 1, 2]
     assert meta["instances"] == {"1": 0, "2": 1}
     assert meta["original_instance_ids"] == {"1": 1, "2": 3} and meta["dropped_instance_ids"] == [2]
-    assert meta["boxes"] == [[0, 0, 0, 2, 2, 2], [2, 0, 2, 4, 1, 4]]  # hand-worked: edges halve
+    # hand-worked: id 1 keeps voxels 0..1 on every axis, id 3 voxels z 2..3, y 0, x 2..3; boxes are
+    # [first - 1, last + 1] (data.boxes), so n voxels give a size of n + 1 in the plan
+    assert meta["boxes"] == [[-1, -1, -1, 2, 2, 2], [1, -1, 1, 4, 1, 4]]
     assert meta["labels"] == [0, 1]
-    assert _plan(tmp_path / "pre")["box_sizes"] == [[2, 2, 2], [2, 1, 2]]
+    assert _plan(tmp_path / "pre")["box_sizes"] == [[3, 3, 3], [3, 2, 3]]
 
 
 def test_map_boxes_to_original_round_trip(tmp_path: Path) -> None:
@@ -227,17 +229,31 @@ def test_map_boxes_to_original_round_trip(tmp_path: Path) -> None:
     converted = _dataset(tmp_path / "tiny", {"a": case, "b": _case(shape=(8, 8, 8))})
     run_preprocessing(converted, tmp_path / "pre", 2, 0, {"target_spacing": [2.0, 2.0, 2.0]})
     _, _, meta = read_preprocessed_case(tmp_path / "pre", "a")
-    mapped = map_boxes_to_original(meta["boxes"], meta)
+    mapped = map_boxes_to_original(meta["boxes"], meta, clip=False)
     original_ids, original_boxes = boxes_from_instance_map(case["seg"])
     kept = [meta["original_instance_ids"][str(i)] for i in range(1, 3)]
+    # the boxes of the downsampled map go exactly to the boxes of the original map (ratio 2: whole voxels)
     np.testing.assert_array_equal(mapped, original_boxes[np.isin(original_ids, kept)])
-    np.testing.assert_array_equal(mapped, [[0, 0, 0, 4, 4, 4], [4, 0, 4, 8, 2, 8]])
+    np.testing.assert_array_equal(mapped, [[-1, -1, -1, 4, 4, 4], [3, -1, 3, 8, 2, 8]])
+    # as predictions they are clipped to the converted image, [0, shape] per axis (nnDetection's rule)
+    np.testing.assert_array_equal(map_boxes_to_original(meta["boxes"], meta), [[0, 0, 0, 4, 4, 4], [3, 0, 3, 8, 2, 8]])
 
 
-def test_map_boxes_to_original_non_integer_ratio() -> None:
-    meta = {"shape": [4, 10, 3], "original_shape": [6, 5, 7]}
-    boxes = np.array([[1.0, 2.0, 0.0, 3.0, 8.0, 3.0]])
-    np.testing.assert_allclose(map_boxes_to_original(boxes, meta), [[1.5, 1.0, 0.0, 4.5, 4.0, 7.0]])
+def test_map_boxes_to_original_hand_worked_ratios() -> None:
+    meta = {"shape": [4, 10, 3], "original_shape": [6, 5, 7]}  # ratios 1.5, 0.5, 7/3
+    # z: preprocessed voxels 1..2 cover converted [1.5, 4.5), i.e. the box [first - 1, last + 1] of
+    #    converted voxels 1.5..3.5 = [0.5, 4.5]; y: voxels 2..7 cover [1, 4), converted voxels 1..3, box [0, 4];
+    # x: voxel 0 covers [0, 7/3), converted voxels 0..4/3, box [-1, 7/3]
+    boxes = np.array([[0.0, 1.0, -1.0, 3.0, 8.0, 1.0]])
+    np.testing.assert_allclose(map_boxes_to_original(boxes, meta, clip=False), [[0.5, 0.0, -1.0, 4.5, 4.0, 7 / 3]])
+    np.testing.assert_allclose(map_boxes_to_original(boxes, meta), [[0.5, 0.0, 0.0, 4.5, 4.0, 7 / 3]])
+    # centres move as voxel centres do: c -> (c + 0.5) * r - 0.5
+    centres = (boxes[:, :3] + boxes[:, 3:]) / 2
+    mapped = map_boxes_to_original(boxes, meta, clip=False)
+    np.testing.assert_allclose((mapped[:, :3] + mapped[:, 3:]) / 2, (centres + 0.5) * [1.5, 0.5, 7 / 3] - 0.5)
+    # clipping keeps boxes inside [0, original_shape]
+    wide = map_boxes_to_original(np.array([[-5.0, -5.0, -5.0, 50.0, 50.0, 50.0]]), meta)
+    np.testing.assert_allclose(wide, [[0.0, 0.0, 0.0, 6.0, 5.0, 7.0]])
     assert map_boxes_to_original(np.zeros((0, 6)), meta).shape == (0, 6)
 
 

@@ -53,7 +53,7 @@ def test_world_centres_match_simpleitk() -> None:
     image.SetOrigin(meta["origin"])
     image.SetDirection(meta["direction"])
     expected = [
-        image.TransformContinuousIndexToPhysicalPoint([float(v) for v in ((b[:3] + b[3:]) / 2 - 0.5)[::-1]])
+        image.TransformContinuousIndexToPhysicalPoint([float(v) for v in ((b[:3] + b[3:]) / 2)[::-1]])
         for b in boxes
     ]
     np.testing.assert_allclose(world_centres(boxes, meta), np.array(expected), atol=1e-9)

@@ -2,10 +2,13 @@
 
 LUNA16's evaluation script (``noduleCADEvaluationLUNA16.py``) reads one CSV of candidates for all scans; a
 candidate counts as a hit when its world centre lies inside a reference nodule's sphere. Our predictions are
-boxes in converted-image voxels (MONAI standard mode over array axes z, y, x, max exclusive), so each box centre
-is mapped to world coordinates through the converted image's own geometry (origin, spacing, direction), read
-from ``imagesTr/{case}_0000.nii.gz``. The voxel ``i`` spans ``[i, i + 1)`` in box coordinates, so a box's centre
-in continuous index coordinates is ``(min + max) / 2 - 0.5``.
+boxes in converted-image voxels (MONAI standard mode over array axes z, y, x, in the convention of
+:mod:`pretrain_det3d.data.boxes`), so each box centre is mapped to world coordinates through the converted
+image's own geometry (origin, spacing, direction), read from ``imagesTr/{case}_0000.nii.gz``. Box coordinates
+are continuous voxel indices (voxel ``i``'s centre at ``i``; a mask's box is padded by one voxel on both sides,
+which leaves its centre in place), so a box's centre ``(min + max) / 2`` is already SimpleITK's continuous
+index. Only centres are exported (LUNA16 scores candidates by their centre); a diameter read off a box made
+from a mask would be ``(max - min - 1) * spacing`` (``data.boxes.box_voxel_counts``).
 
 Example:
     >>> export_luna16_csv("results/predictions/retina_unet/mae/luna16/fold0", "results/data/converted/luna16",
@@ -23,6 +26,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from pretrain_det3d.data.boxes import box_centre_indices
 from pretrain_det3d.data.io import image_path
 from pretrain_det3d.utils.atomic import atomic_path
 
@@ -34,11 +38,10 @@ def box_centres_to_world(boxes: np.ndarray, image: sitk.Image) -> np.ndarray:
 
     Example:
         >>> img = sitk.Image(4, 4, 4, sitk.sitkInt16); img.SetOrigin((10.0, 0.0, 0.0))
-        >>> box_centres_to_world(np.array([[0, 0, 1, 1, 1, 2]]), img).tolist()  # voxel (z=0, y=0, x=1)
+        >>> box_centres_to_world(np.array([[-1, -1, 0, 1, 1, 2]]), img).tolist()  # the box of voxel (z=0, y=0, x=1)
         [[11.0, 0.0, 0.0]]
     """
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
-    centres_zyx = (boxes[:, :3] + boxes[:, 3:]) / 2.0 - 0.5  # continuous voxel index of each box centre
+    centres_zyx = box_centre_indices(boxes)  # continuous voxel index of each box centre
     return np.array([image.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in c[::-1]))
                      for c in centres_zyx]).reshape(-1, 3)
 

@@ -11,8 +11,8 @@ Plan:
 
 Per case: normalise, then resample (image: 3rd-order spline; instance map: nearest neighbour) onto the target
 spacing. Both use the same edge-aligned grid: preprocessed voxel ``j`` covers converted voxels
-``[j * r, (j + 1) * r)`` with ``r = original_shape / shape`` per axis, which is why
-:func:`map_boxes_to_original` only scales. Tiny instances can vanish when downsampling; they are dropped from
+``[j * r, (j + 1) * r)`` with ``r = original_shape / shape`` per axis, which fixes
+:func:`map_boxes_to_original` (exact for boxes made from masks, :mod:`pretrain_det3d.data.boxes`). Tiny instances can vanish when downsampling; they are dropped from
 ``instances`` and the remaining ids are renumbered 1..M in their original order (``original_instance_ids`` and
 ``dropped_instance_ids`` in the case's JSON record this). Boxes are computed from the stored map, so they always
 agree with it.
@@ -42,7 +42,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
 
-from pretrain_det3d.data.boxes import boxes_from_instance_map
+from pretrain_det3d.data.boxes import boxes_from_instance_map, instance_voxel_extents
 from pretrain_det3d.data.dataset_format import DatasetFormatError, check_converted_dataset
 from pretrain_det3d.data.io import geometry_of, load_npy, read_case, read_image
 from pretrain_det3d.data.splits import make_splits
@@ -228,31 +228,47 @@ def sample_foreground_locations(
         >>> sorted(sample_foreground_locations(m, 10, np.random.default_rng(0)))
         [[0, 0, 0], [0, 0, 1]]
     """
-    ids, boxes = boxes_from_instance_map(instance_map)
+    ids, extents = instance_voxel_extents(instance_map)
     if len(ids) == 0 or max_locations <= 0:
         return []
     per_instance = max(max_locations // len(ids), 1)
     locations = []
-    for instance_id, box in zip(ids, boxes.astype(np.int64)):
-        start = box[:3]
-        inside = np.argwhere(instance_map[tuple(slice(a, b) for a, b in zip(box[:3], box[3:]))] == instance_id)
+    for instance_id, extent in zip(ids, extents):
+        start = extent[:3]
+        inside = np.argwhere(instance_map[tuple(slice(a, b) for a, b in zip(extent[:3], extent[3:]))] == instance_id)
         chosen = rng.choice(len(inside), size=min(per_instance, len(inside)), replace=False)
         locations.extend((inside[np.sort(chosen)] + start).tolist())
     return locations[:max_locations]
 
 
-def map_boxes_to_original(boxes: np.ndarray | Sequence[Sequence[float]], case_meta: Mapping[str, Any]) -> np.ndarray:
+def map_boxes_to_original(
+    boxes: np.ndarray | Sequence[Sequence[float]], case_meta: Mapping[str, Any], clip: bool = True
+) -> np.ndarray:
     """Map boxes from preprocessed voxels to converted-image voxels (both ``(z0, y0, x0, z1, y1, x1)``).
 
-    Box edges scale by ``original_shape / shape`` per axis, the inverse of the edge-aligned resampling grid.
+    With ``r = original_shape / shape`` per axis, preprocessed voxels ``first..last`` cover converted voxels
+    ``first * r .. (last + 1) * r - 1`` (the edge-aligned resampling grid), so a box ``[first - 1, last + 1]``
+    (the convention of :mod:`pretrain_det3d.data.boxes`) goes to ``[(min + 1) * r - 1, max * r]``: exactly the
+    box of the converted mask when ``r`` makes whole voxels, and the centre mapped as the voxel centres are
+    (``c -> (c + 0.5) * r - 0.5``). nnDetection's ``restore_detection`` only scales (``min * r``), which puts
+    the low side ``r - 1`` voxels off. ``clip`` (on by default: the mapped boxes are predictions) then clips to
+    ``[0, original_shape]`` per axis, nnDetection's clipping of predicted boxes to the image.
 
     Example:
         >>> map_boxes_to_original([[1, 2, 2, 3, 4, 4]], {"shape": [8, 8, 8], "original_shape": [16, 8, 4]})
-        array([[2., 2., 1., 6., 4., 2.]])
+        array([[3. , 2. , 0.5, 6. , 4. , 2. ]])
+        >>> map_boxes_to_original([[-1, 2, 2, 3, 4, 4]], {"shape": [8, 8, 8], "original_shape": [16, 8, 4]},
+        ...                       clip=False)
+        array([[-1. ,  2. ,  0.5,  6. ,  4. ,  2. ]])
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
-    ratio = np.asarray(case_meta["original_shape"], dtype=np.float64) / np.asarray(case_meta["shape"], dtype=np.float64)
-    return boxes * np.concatenate([ratio, ratio])[None, :]  # [N, 6]
+    original_shape = np.asarray(case_meta["original_shape"], dtype=np.float64)
+    ratio = original_shape / np.asarray(case_meta["shape"], dtype=np.float64)
+    mapped = np.concatenate([(boxes[:, :3] + 1.0) * ratio - 1.0, boxes[:, 3:] * ratio], axis=1)  # [N, 6]
+    if clip:
+        upper = np.concatenate([original_shape, original_shape])
+        mapped = np.clip(mapped, 0.0, upper[None, :])
+    return mapped
 
 
 def read_preprocessed_case(
@@ -437,6 +453,7 @@ def run_preprocessing(
             summary.case_ids, num_workers, desc=f"preprocess {summary.name}",
         )
         write_json(tmp / SPLITS_FILE, splits)
+        # extents of the boxes as data.boxes makes them (n voxels -> n + 1), as nnDetection's planner measures them
         box_sizes = [
             [box[3] - box[0], box[4] - box[1], box[5] - box[2]] for meta in metas for box in meta["boxes"]
         ]

@@ -1,12 +1,12 @@
 """Predict the cases of a preprocessed dataset with a trained detector; one JSON per case.
 
 Each ``{out_dir}/{case}.json`` holds ``{"boxes", "scores", "labels", "world_centres"}``: boxes in the
-converted image's voxels (MONAI standard mode over the array axes z, y, x, max exclusive), and box centres
-in world coordinates (mm, SimpleITK's physical space, ordered x, y, z like SimpleITK's points).
+converted image's voxels (MONAI standard mode over the array axes z, y, x, in the convention of
+:mod:`pretrain_det3d.data.boxes`), and box centres in world coordinates (mm, SimpleITK's physical space,
+ordered x, y, z like SimpleITK's points).
 
-World centres: a box spans ``[min, max)`` in voxel edges, and voxel ``i``'s centre is at edge coordinate
-``i + 0.5``, so the centre's continuous SimpleITK index is ``(min + max) / 2 - 0.5`` per axis, reversed to
-(x, y, z). The point is ``origin + direction @ (spacing_xyz * index_xyz)`` with the case JSON's ``origin``
+World centres: box coordinates are continuous voxel indices (voxel ``i``'s centre at ``i``), so the centre's
+continuous SimpleITK index is ``(min + max) / 2`` per axis, reversed to (x, y, z). The point is ``origin + direction @ (spacing_xyz * index_xyz)`` with the case JSON's ``origin``
 and ``direction`` (SimpleITK order) and ``original_spacing`` (array order z, y, x, hence reversed).
 
 Example:
@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from pretrain_det3d.data.boxes import box_centre_indices
 from pretrain_det3d.data.io import load_npy
 from pretrain_det3d.data.preprocessing import map_boxes_to_original
 from pretrain_det3d.inference.sliding_window import predict_case
@@ -42,14 +43,14 @@ def world_centres(boxes: np.ndarray, case_meta: Mapping[str, Any]) -> np.ndarray
     Example:
         >>> meta = {"original_spacing": [2.0, 1.0, 1.0], "origin": [10.0, 0.0, 0.0],
         ...         "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]}
-        >>> world_centres(np.array([[0, 0, 0, 2, 2, 4]]), meta).tolist()
-        [[11.5, 0.5, 1.0]]
+        >>> world_centres(np.array([[-1, -1, -1, 1, 1, 2]]), meta).tolist()  # voxels z 0, y 0, x 0..1
+        [[10.5, 0.0, 0.0]]
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
     for key in ("original_spacing", "origin", "direction"):
         if key not in case_meta:
             raise KeyError(f"case metadata lacks {key!r} (needed for world coordinates)")
-    index_zyx = (boxes[:, :3] + boxes[:, 3:]) / 2.0 - 0.5  # [N, 3] continuous voxel-centre index
+    index_zyx = box_centre_indices(boxes)  # [N, 3] continuous voxel-centre index
     index_xyz = index_zyx[:, ::-1]
     spacing_xyz = np.asarray(case_meta["original_spacing"], dtype=np.float64)[::-1]
     direction = np.asarray(case_meta["direction"], dtype=np.float64).reshape(3, 3)
