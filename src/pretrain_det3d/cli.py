@@ -169,6 +169,20 @@ def cmd_predict(args: argparse.Namespace) -> None:
     run_prediction(args.model, args.preprocessed, cases, args.out_dir, args.settings)
 
 
+def cmd_detect(args: argparse.Namespace) -> None:
+    from pretrain_det3d.inference.detect import run_detection
+
+    _set_threads(args.threads)
+    settings = dict(args.settings)
+    if args.device is not None:
+        settings["device"] = args.device
+    failures = run_detection(args.run, args.input, args.output, folds=args.folds, png_score=args.png_score,
+                             settings=settings, config=args.config, plan_path=args.plan)
+    print(f"{args.output}: detections written" + (f"; {len(failures)} input(s) skipped" if failures else ""))
+    if failures:
+        raise SystemExit(1)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from pretrain_det3d.evaluation import run_evaluation
 
@@ -339,6 +353,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, required=True)
     p.add_argument("--settings", type=_settings, default={})
     p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=None)
+
+    p = verb("detect", cmd_detect, "detect in new scans (NIfTI, MHA/MHD, NRRD, DICOM) with the folds of a trained run")
+    p.add_argument("--run", type=Path, required=True, help="results/finetune/<detector>/<init>/<dataset>")
+    p.add_argument("--input", type=Path, required=True, help="a scan file, a DICOM series folder, or a folder of scans")
+    p.add_argument("--output", type=Path, required=True, help="folder for {scan}.json, detections.csv and PNGs")
+    p.add_argument("--folds", type=int, nargs="+", default=None, help="folds to ensemble (default: all with a model)")
+    p.add_argument("--png-score", type=float, default=None, help="write a PNG of each detection scoring at least this")
+    p.add_argument("--device", default=None, help="cpu, cuda[:i] or auto (default: the inference settings')")
+    p.add_argument("--settings", type=_settings, default={}, help="inference settings as JSON (InferenceSettings)")
+    p.add_argument("--config", type=Path, default=None, help="study config whose inference section applies")
+    p.add_argument("--plan", type=Path, default=None, help="the dataset's plan.json, for runs that do not record it")
     p.add_argument("--threads", type=int, default=None)
 
     p = verb("evaluate", cmd_evaluate, "compute nnDetection's metrics for a fold")

@@ -29,6 +29,9 @@ from pretrain_det3d.training.trainer import DetectorTrainer, TrainingSettings, s
 LOGGER = logging.getLogger(__name__)
 
 KEY_EXAMPLES = 3  # example keys shown after the per-module counts of a key summary
+#: entries of the dataset's plan.json kept in model_final.pth, so that `detect` preprocesses new scans the same way
+PLAN_KEYS_FOR_INFERENCE = ("dataset", "target_spacing", "modalities", "normalisation", "foreground_source",
+                           "num_classes", "class_names")
 
 
 def summarize_keys(keys: Sequence[str], examples: int = KEY_EXAMPLES) -> str:
@@ -111,6 +114,9 @@ def run_finetuning(
     seed_everything(seed)  # the detector's random initialisation depends on it
     model = build_detector(detector, dict(settings), in_channels, num_classes, plan)
     extra: dict[str, Any] = {"fold": fold, "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint)}
+    # what `detect` (inference.detect) needs to preprocess new scans as this run's training cases were
+    extra["preprocessed_root"] = str(root)
+    extra["preprocessing_plan"] = {key: plan[key] for key in PLAN_KEYS_FOR_INFERENCE if key in plan}
     if init_checkpoint is not None:
         report = load_pretrained_encoder(model, init_checkpoint)
         counts = {"loaded": len(report.loaded_keys), "skipped": len(report.skipped_keys),
