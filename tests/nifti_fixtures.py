@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from pretrain_det3d.data.boxes import boxes_from_instance_map
+from pretrain_det3d.data.boxes import instance_voxel_extents
 from pretrain_det3d.data.io import read_case
 
 
@@ -29,7 +29,9 @@ def write_image(path: Path, image: sitk.Image) -> None:
 
 
 def boxes_and_classes(root: Path, case: str) -> tuple[list[tuple[int, ...]], list[int]]:
-    """Integer boxes and class indices of the instances of one converted case, in instance-id order."""
+    """Voxel extents ``(first z, y, x, last z, y, x + 1)`` (``data.boxes.instance_voxel_extents``: which voxels
+    the converter painted, independent of the box convention) and class indices of the instances of one
+    converted case, in instance-id order."""
     converted = read_case(root, case)
-    ids, boxes = boxes_from_instance_map(converted.instance_map)
+    ids, boxes = instance_voxel_extents(converted.instance_map)
     return [tuple(int(v) for v in box) for box in boxes], [converted.instances[int(i)] for i in ids]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pretrain_det3d.data.boxes import boxes_from_instance_map
+from pretrain_det3d.data.boxes import instance_voxel_extents
 from pretrain_det3d.data.converters import ConversionError, convert_dataset
 from pretrain_det3d.data.dataset_format import check_converted_dataset
 from pretrain_det3d.data.io import read_case
@@ -52,7 +52,7 @@ def test_cta_a_components_match_hand_worked(cta_source: Path, tmp_path: Path) ->
     out = convert_dataset("cta_a", cta_source, tmp_path / "converted", show_progress=False)
     assert check_converted_dataset(out).case_ids == ["case_001", "case_002"]
     case = read_case(out, "case_001")
-    ids, boxes = boxes_from_instance_map(case.instance_map)
+    ids, boxes = instance_voxel_extents(case.instance_map)
     # aneurysm 1 with its diagonal neighbour: z 2..5, y 3..6, x 4..8 -> [2, 3, 4, 6, 7, 9]; aneurysm 2 -> [7, 9, 1, 9, 11, 3]
     np.testing.assert_array_equal(ids, [1, 2])
     np.testing.assert_array_equal(boxes, [[2, 3, 4, 6, 7, 9], [7, 9, 1, 9, 11, 3]])
@@ -68,7 +68,7 @@ def test_cta_a_label_values_rule(cta_source: Path, tmp_path: Path) -> None:
     mask[3:5, 3:5, 3:5] = 2  # touches value 4 diagonally, but is its own aneurysm by value
     write_nifti(cta_source / "labels" / "case_001.nii.gz", mask)
     out = convert_dataset("cta_a", cta_source, tmp_path / "converted", settings={"instances": "values"}, show_progress=False)
-    _, boxes = boxes_from_instance_map(read_case(out, "case_001").instance_map)
+    _, boxes = instance_voxel_extents(read_case(out, "case_001").instance_map)
     np.testing.assert_array_equal(boxes, [[3, 3, 3, 5, 5, 5], [1, 1, 1, 3, 3, 3]])  # value 2 first, then 4
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from dicom_fixtures import write_dicom_series
-from pretrain_det3d.data.boxes import boxes_from_instance_map
+from pretrain_det3d.data.boxes import instance_voxel_extents
 from pretrain_det3d.data.converters import ConversionError, convert_dataset
 from pretrain_det3d.data.dataset_format import check_converted_dataset
 from pretrain_det3d.data.io import read_case
@@ -78,7 +78,7 @@ def test_duke_box_matches_hand_worked(duke_source: Path, tmp_path: Path) -> None
     case = read_case(out, PATIENT)
     # Rows 4..7 (1-based, inclusive) -> y [3, 7); columns 2..6 -> x [1, 6); slices 3..5 are the original numbers
     # 8 - k, i.e. array slices k = 5, 4, 3 -> z [3, 6).
-    ids, boxes = boxes_from_instance_map(case.instance_map)
+    ids, boxes = instance_voxel_extents(case.instance_map)
     np.testing.assert_array_equal(ids, [1])
     np.testing.assert_array_equal(boxes, [[3, 3, 1, 6, 7, 6]])
     assert int((case.instance_map == 1).sum()) == 3 * 4 * 5  # the whole box is the instance

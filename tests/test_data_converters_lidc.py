@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dicom_fixtures import write_dicom_series
-from pretrain_det3d.data.boxes import boxes_from_instance_map
+from pretrain_det3d.data.boxes import instance_voxel_extents
 from pretrain_det3d.data.converters import ConversionError, convert_dataset
 from pretrain_det3d.data.converters.lidc import parse_lidc_xml
 from pretrain_det3d.data.dataset_format import check_converted_dataset
@@ -115,7 +115,7 @@ def test_lidc_consensus_box_matches_hand_worked(lidc_source: Path, tmp_path: Pat
     # 5-9, cols 6-10: R1 n R2 is rows 6-9, cols 7-10; R1 n R4' adds row 5 cols 7-9 and rows 6-8 col 6; the corners
     # (5, 6) [the hole], (5, 10) and (9, 6) have one vote only -> 25 - 3 = 22 voxels. Slice 4: R2 alone -> none.
     # Box over (z, y, x), max exclusive: z 2..3 -> [2, 4), y 5..9 -> [5, 10), x 6..10 -> [6, 11).
-    ids, boxes = boxes_from_instance_map(case.instance_map)
+    ids, boxes = instance_voxel_extents(case.instance_map)
     np.testing.assert_array_equal(ids, [1])
     np.testing.assert_array_equal(boxes, [[2, 5, 6, 4, 10, 11]])
     assert case.instances == {1: 0}
@@ -131,7 +131,7 @@ def test_lidc_consensus_box_matches_hand_worked(lidc_source: Path, tmp_path: Pat
 
 def test_lidc_single_reader_setting_keeps_nodule_b(lidc_source: Path, tmp_path: Path) -> None:
     out = convert_dataset("lidc", lidc_source, tmp_path / "converted", settings={"min_readers": 1}, show_progress=False)
-    _, boxes = boxes_from_instance_map(read_case(out, "LIDC-IDRI-0007").instance_map)
+    _, boxes = instance_voxel_extents(read_case(out, "LIDC-IDRI-0007").instance_map)
     # nodule B: slice 1, rows 11-14, cols 1-4 -> [1, 11, 1, 2, 15, 5]
     assert [1, 11, 1, 2, 15, 5] in boxes.tolist() and len(boxes) == 2
 

@@ -1,7 +1,8 @@
 """LUNA16 converter on a miniature copy of LUNA16's real layout (subset folders of .mhd/.raw, annotations.csv).
 
 The fixture scan has a non-trivial origin, anisotropic spacing and a direction that flips y and z, so a
-converter that ignored any of them would put the spheres elsewhere. Expected boxes are worked out by hand below.
+converter that ignored any of them would put the spheres elsewhere. The expected voxel extents of the spheres
+(``[first, last + 1)`` per axis) are worked out by hand below.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pretrain_det3d.data.boxes import boxes_from_instance_map
+from pretrain_det3d.data.boxes import instance_voxel_extents
 from pretrain_det3d.data.converters import ConversionError, convert_dataset
 from pretrain_det3d.data.dataset_format import check_converted_dataset
 from pretrain_det3d.data.io import read_case
@@ -80,7 +81,7 @@ def test_luna16_boxes_match_hand_worked(luna16_source: Path, tmp_path: Path) -> 
     # are inside -> x 8..12; along y (0.8 mm) floor(2/0.8)=2 -> y 3..7; along z (2.5 mm) only z=4.
     # Nodule 2: 0.5 mm, smaller than a voxel -> only its centre voxel (z=9, y=14, x=3).
     expected = np.array([[4, 3, 8, 5, 8, 13], [9, 14, 3, 10, 15, 4]], dtype=float)
-    ids, boxes = boxes_from_instance_map(case.instance_map)
+    ids, boxes = instance_voxel_extents(case.instance_map)
     np.testing.assert_array_equal(ids, [1, 2])
     np.testing.assert_array_equal(boxes, expected)
     assert case.instances == {1: 0, 2: 0}

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from pretrain_det3d.data import synthetic
-from pretrain_det3d.data.boxes import boxes_from_instance_map
+from pretrain_det3d.data.boxes import instance_voxel_extents
 from pretrain_det3d.data.dataset_format import check_converted_dataset
 from pretrain_det3d.data.io import read_case
 from pretrain_det3d.data.synthetic import make_phantom, write_synthetic_corpus, write_synthetic_dataset
@@ -74,7 +74,7 @@ def _lesion_records(root: Path, num_cases: int) -> list[dict]:
                     "touches_other": bool(np.any((neighbours != 0) & (neighbours != instance_id))),
                     "contrast": float(image[mask].mean() - image[ring].mean()),
                     "ring_mean": float(image[ring].mean()),
-                    "box": boxes_from_instance_map(mask.astype(np.int16))[1][0],
+                    "box": instance_voxel_extents(mask.astype(np.int16))[1][0],
                 }
             )
     return records

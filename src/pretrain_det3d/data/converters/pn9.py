@@ -25,8 +25,8 @@ Conversion:
 - image: the array as stored (values 0-255, *not* Hounsfield units), spacing 1 mm (``spacing_mm``), origin 0,
   identity direction, since the ``.npy`` files carry no geometry;
 - instances: each box is painted as a solid block ``[zmin, zmax] x [ymin, ymax] x [xmin, xmax]``, so the box of
-  the converted instance is exactly ``(zmin, ymin, xmin, zmax + 1, ymax + 1, xmax + 1)`` (MONAI standard mode,
-  max exclusive). Larger boxes are painted first, so a nodule inside or overlapping a larger one keeps its
+  the converted instance (:mod:`pretrain_det3d.data.boxes`) is exactly
+  ``(zmin - 1, ymin - 1, xmin - 1, zmax + 1, ymax + 1, xmax + 1)``. Larger boxes are painted first, so a nodule inside or overlapping a larger one keeps its
   whole box; where the larger one loses part of its box to it, the case and box are recorded in
   ``dataset.json`` (``boxes_changed_by_overlap``). A row repeating a box of the same scan is painted once (the
   first row's class is kept). Boxes reaching past
