@@ -248,3 +248,65 @@ def fuse_sources(
     return weighted_box_clustering(
         boxes[index], scores[index], labels[index], np.ones(len(index)), len(sources), wbc_iou, wbc_score_threshold
     )
+
+
+#: the consolidation parameters of :func:`consolidate_sources`, i.e. the ``InferenceSettings`` fields it reads
+CONSOLIDATION_KEYS = (
+    "candidates", "score_threshold", "min_box_size", "nms_iou", "weighted_nms", "wbc_iou", "wbc_score_threshold",
+    "max_detections",
+)
+
+
+def top_candidates(
+    boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, weights: np.ndarray, candidates: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The ``candidates`` best-scoring boxes of one source, best first (stable for ties), as float64/int64 arrays.
+
+    :func:`consolidate_source` starts with the same selection, so consolidating the result gives exactly what
+    consolidating the full source gives, for every parameter but a larger ``candidates``: this is what a
+    prediction keeps for re-consolidation (``inference.postprocessing``).
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    index = _top(candidates, scores)
+    return (boxes[index], scores[index], np.asarray(labels).reshape(-1).astype(np.int64)[index],
+            np.asarray(weights, dtype=np.float64).reshape(-1)[index])
+
+
+def consolidate_sources(
+    sources: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    image_shape: Sequence[int],
+    *,
+    candidates: int,
+    score_threshold: float,
+    min_box_size: float,
+    nms_iou: float,
+    weighted_nms: bool,
+    wbc_iou: float,
+    wbc_score_threshold: float,
+    max_detections: int,
+) -> dict[str, np.ndarray]:
+    """All sources of one case ``[(boxes, scores, labels, tile weights), ...]`` (image coordinates) -> the case's
+    boxes: :func:`consolidate_source` per source, :func:`fuse_sources` across them, the best ``max_detections``.
+
+    A pure function of its arguments: ``predict_case`` ends with it, and a re-consolidation of stored sources
+    with other parameters (the post-processing sweep) calls it again. Returns ``boxes [N, 6]`` (float64),
+    ``scores [N]`` (float64), ``labels [N]`` (int64), best score first.
+    """
+    per_source = [
+        consolidate_source(
+            boxes, scores, labels, weights, image_shape, candidates=int(candidates),
+            score_threshold=float(score_threshold), min_size=float(min_box_size), nms_iou=float(nms_iou),
+            weighted_nms=bool(weighted_nms),
+        )
+        for boxes, scores, labels, weights in sources
+    ]
+    boxes, scores, labels = fuse_sources(
+        per_source, candidates=int(candidates), wbc_iou=float(wbc_iou), wbc_score_threshold=float(wbc_score_threshold)
+    )
+    count = int(max_detections)
+    return {
+        "boxes": boxes[:count].astype(np.float64).reshape(-1, 6),
+        "scores": scores[:count].astype(np.float64),
+        "labels": labels[:count].astype(np.int64),
+    }

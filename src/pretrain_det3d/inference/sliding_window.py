@@ -37,9 +37,9 @@ from torch import nn
 from pretrain_det3d.data.boxes import boxes_from_instance_map
 from pretrain_det3d.inference.consolidation import (
     box_centres,
-    consolidate_source,
-    fuse_sources,
+    consolidate_sources,
     tile_weights,
+    top_candidates,
 )
 from pretrain_det3d.settings.study import InferenceSettings
 
@@ -148,7 +148,36 @@ def predict_case(
     ``detector`` may be several models (e.g. the folds of one run): each model with each mirroring is one
     source of the weighted box clustering. The consolidation parameters are those of ``InferenceSettings``
     (module :mod:`pretrain_det3d.inference.consolidation`). The detectors are moved to ``device`` and put in
-    eval mode.
+    eval mode. Equal to :func:`~pretrain_det3d.inference.consolidation.consolidate_sources` applied to
+    :func:`predict_sources` (what the post-processing sweep re-consolidates).
+    """
+    sources = predict_sources(
+        detector, image, patch_size, overlap=overlap, mirror_axes=mirror_axes, batch_size=batch_size,
+        device=device, candidates=candidates,
+    )
+    return consolidate_sources(
+        sources, list(image.shape[1:]), candidates=candidates, score_threshold=score_threshold,
+        min_box_size=min_box_size, nms_iou=nms_iou, weighted_nms=weighted_nms, wbc_iou=wbc_iou,
+        wbc_score_threshold=wbc_score_threshold, max_detections=max_detections,
+    )
+
+
+def predict_sources(
+    detector: nn.Module | Sequence[nn.Module],
+    image: np.ndarray,
+    patch_size: Sequence[int],
+    overlap: float = DEFAULT_OVERLAP,
+    mirror_axes: Sequence[int] = (),
+    batch_size: int = 1,
+    device: str | torch.device = "cpu",
+    candidates: int = DEFAULT_CANDIDATES,
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """The raw passes of a case, before any consolidation: per source (model x mirroring, models outer, the
+    mirrorings of :func:`mirror_combinations` inner) the ``candidates`` best boxes of all its tiles as
+    ``(boxes [n, 6] image coordinates, scores [n], labels [n], tile weights [n])``, best score first.
+
+    Nothing is clipped or removed yet; keeping only the best ``candidates`` changes no consolidation with at
+    most that many ``candidates`` (:func:`~pretrain_det3d.inference.consolidation.top_candidates`).
     """
     if image.ndim != 4:
         raise ValueError(f"expected an image [C, Z, Y, X], got shape {image.shape}")
@@ -196,27 +225,13 @@ def predict_case(
                 store[2].append(output["labels"].detach().cpu().long().numpy().reshape(-1))
                 store[3].append(tile_weights(box_centres(boxes), patch, tile_centre))
 
-    per_source = []
-    for boxes, scores, labels, weights in collected.values():
-        per_source.append(
-            consolidate_source(
-                np.concatenate(boxes) if boxes else np.zeros((0, 6)),
-                np.concatenate(scores) if scores else np.zeros(0),
-                np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64),
-                np.concatenate(weights) if weights else np.zeros(0),
-                shape,  # clipping to the image drops what lies in the padding
-                candidates=candidates,
-                score_threshold=score_threshold,
-                min_size=min_box_size,
-                nms_iou=nms_iou,
-                weighted_nms=weighted_nms,
-            )
+    return [
+        top_candidates(
+            np.concatenate(boxes) if boxes else np.zeros((0, 6)),
+            np.concatenate(scores) if scores else np.zeros(0),
+            np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64),
+            np.concatenate(weights) if weights else np.zeros(0),
+            candidates,
         )
-    boxes, scores, labels = fuse_sources(
-        per_source, candidates=candidates, wbc_iou=wbc_iou, wbc_score_threshold=wbc_score_threshold
-    )
-    return {
-        "boxes": boxes[:max_detections].astype(np.float64).reshape(-1, 6),
-        "scores": scores[:max_detections].astype(np.float64),
-        "labels": labels[:max_detections].astype(np.int64),
-    }
+        for boxes, scores, labels, weights in collected.values()
+    ]
