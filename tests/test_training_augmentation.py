@@ -39,11 +39,12 @@ def _image() -> torch.Tensor:
 
 
 def _mirror_boxes(boxes: np.ndarray, axes: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
-    # hand rule: along a flipped axis of length S, [lo, hi) becomes [S - hi, S - lo)
+    # hand rule: along a flipped axis of length S, voxel i goes to S - 1 - i, so a box [first - 1, last + 1]
+    # (data.boxes) becomes [S - 1 - (last + 1), S - 1 - (first - 1)] = [S - 1 - hi, S - 1 - lo]
     out = boxes.copy()
     for axis in axes:
-        out[:, axis] = shape[axis] - boxes[:, axis + 3]
-        out[:, axis + 3] = shape[axis] - boxes[:, axis]
+        out[:, axis] = shape[axis] - 1 - boxes[:, axis + 3]
+        out[:, axis + 3] = shape[axis] - 1 - boxes[:, axis]
     return out
 
 

@@ -11,11 +11,11 @@ Plan:
 
 Per case: normalise, then resample (image: 3rd-order spline; instance map: nearest neighbour) onto the target
 spacing. Both use the same edge-aligned grid: preprocessed voxel ``j`` covers converted voxels
-``[j * r, (j + 1) * r)`` with ``r = original_shape / shape`` per axis, which fixes
-:func:`map_boxes_to_original` (exact for boxes made from masks, :mod:`pretrain_det3d.data.boxes`). Tiny instances can vanish when downsampling; they are dropped from
-``instances`` and the remaining ids are renumbered 1..M in their original order (``original_instance_ids`` and
-``dropped_instance_ids`` in the case's JSON record this). Boxes are computed from the stored map, so they always
-agree with it.
+``[j * r, (j + 1) * r)`` with ``r = original_shape / shape`` per axis, which fixes :func:`map_boxes_to_original`
+(exact for boxes made from masks, :mod:`pretrain_det3d.data.boxes`). Tiny instances can vanish when
+downsampling; they are dropped from ``instances`` and the remaining ids are renumbered 1..M in their original
+order (``original_instance_ids`` and ``dropped_instance_ids`` in the case's JSON record this). Boxes are computed
+from the stored map, so they always agree with it.
 
 Outputs (``out_root``, written through one atomic directory, ``plan.json`` last so that it marks completion)::
 

@@ -6,8 +6,9 @@ converted image's voxels (MONAI standard mode over the array axes z, y, x, in th
 ordered x, y, z like SimpleITK's points).
 
 World centres: box coordinates are continuous voxel indices (voxel ``i``'s centre at ``i``), so the centre's
-continuous SimpleITK index is ``(min + max) / 2`` per axis, reversed to (x, y, z). The point is ``origin + direction @ (spacing_xyz * index_xyz)`` with the case JSON's ``origin``
-and ``direction`` (SimpleITK order) and ``original_spacing`` (array order z, y, x, hence reversed).
+continuous SimpleITK index is ``(min + max) / 2`` per axis, reversed to (x, y, z). The point is
+``origin + direction @ (spacing_xyz * index_xyz)`` with the case JSON's ``origin`` and ``direction`` (SimpleITK
+order) and ``original_spacing`` (array order z, y, x, hence reversed).
 
 Example:
     >>> run_prediction("results/finetune/retina_unet/scratch/synthetic/fold0/model_final.pth",

@@ -383,7 +383,10 @@ class PatchBatchStream(IterableDataset):
 def detection_targets(instance_map: np.ndarray, record: CaseRecord) -> dict[str, Any]:
     """Boxes and labels of the instances present in an (augmented) patch, and its foreground mask.
 
-    Ids cut away by cropping are absent from the map and so get no box.
+    Boxes are made from the patch's own map in the convention of :mod:`pretrain_det3d.data.boxes` (nnDetection's
+    ``Instances2Boxes`` on the batch): ``[first - 1, last + 1]`` in patch voxels, not clipped, so an object cut by
+    the patch border gets the box of its part inside, reaching ``-1`` or the patch size. Ids cut away by cropping
+    are absent from the map and so get no box.
     """
     ids, boxes = boxes_from_instance_map(instance_map)
     missing = [int(i) for i in ids if int(i) not in record.instances]
