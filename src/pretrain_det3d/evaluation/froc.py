@@ -25,8 +25,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from pretrain_det3d.evaluation.matching import ClassMatches
-from pretrain_det3d.evaluation.metrics import AP_IOU_THRESHOLDS, UNDEFINED, iou_key, pool_detections
+from pretrain_det3d.evaluation.matching import BatchMatches, ClassMatches
+from pretrain_det3d.evaluation.metrics import AP_IOU_THRESHOLDS, UNDEFINED, as_batch_matches, iou_key, pool_batch
 
 #: Average false positives per scan at which sensitivity is read (nnDetection and the LUNA16 challenge).
 FP_PER_SCAN: tuple[float, ...] = (1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8)
@@ -76,7 +76,7 @@ def fp_key(rate: float) -> str:
 
 
 def compute_froc_metrics(
-    case_matches: Sequence[Mapping[int, ClassMatches]],
+    case_matches: Sequence[Mapping[int, ClassMatches]] | BatchMatches,
     class_ids: Sequence[int],
     iou_thresholds: Sequence[float],
     froc_thresholds: Sequence[float] = FROC_IOU_THRESHOLDS,
@@ -85,7 +85,8 @@ def compute_froc_metrics(
 ) -> dict[str, float | list[float]]:
     """FROC score and curve per IoU threshold, pooled and per class, under nnDetection's key names.
 
-    The number of scans is ``len(case_matches)``: a case without ground truth and without predictions still counts.
+    The number of scans is the number of cases: a case without ground truth and without predictions still counts.
+    ``case_matches`` is one ``match_case`` result per case or ``match_cases``' result for all of them.
 
     Example:
         >>> from pretrain_det3d.evaluation.matching import match_case
@@ -95,15 +96,22 @@ def compute_froc_metrics(
         (1.0, [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
     """
     thresholds = np.round(np.asarray(iou_thresholds, dtype=np.float64), 2).tolist()
-    num_scans = len(case_matches)
+    batch = as_batch_matches(case_matches, len(thresholds))
+    num_scans = batch.num_cases
     results: dict[str, float | list[float]] = {}
+    pooled: dict[int | None, tuple[np.ndarray, np.ndarray, int]] = {}  # one pooling per class set, all thresholds
+
+    def pool(class_id: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+        if class_id not in pooled:
+            pooled[class_id] = pool_batch(batch, class_ids if class_id is None else [class_id])
+        return pooled[class_id]
     for iou in froc_thresholds:
         rounded = round(float(iou), 2)
         if rounded not in thresholds:
             raise ValueError(f"FROC IoU threshold {iou} was not among the matching thresholds {thresholds}")
         threshold_index = thresholds.index(rounded)
-        scores, hits, num_gt = pool_detections(case_matches, class_ids, threshold_index)
-        curve = froc_curve(scores, hits, num_gt, num_scans, fp_per_scan)
+        scores, hits, num_gt = pool(None)
+        curve = froc_curve(scores, hits[threshold_index], num_gt, num_scans, fp_per_scan)
         results[f"FROC_score_IoU_{iou_key(iou)}"] = UNDEFINED if num_gt == 0 else float(np.mean(curve))
         results[f"FROC_curve_IoU_{iou_key(iou)}"] = [float(v) for v in curve]
         if rounded == round(main_iou, 2):
@@ -111,8 +119,8 @@ def compute_froc_metrics(
                 results[f"FROC_sens_IoU_{iou_key(iou)}_FPI_{fp_key(rate)}"] = float(value)
         class_scores = []
         for class_id in class_ids:
-            scores, hits, num_gt = pool_detections(case_matches, [class_id], threshold_index)
-            curve = froc_curve(scores, hits, num_gt, num_scans, fp_per_scan)
+            scores, hits, num_gt = pool(class_id)
+            curve = froc_curve(scores, hits[threshold_index], num_gt, num_scans, fp_per_scan)
             value = UNDEFINED if num_gt == 0 else float(np.mean(curve))
             results[f"{class_id}_FROC_score_IoU_{iou_key(iou)}"] = value
             if value != UNDEFINED:

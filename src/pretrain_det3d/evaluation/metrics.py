@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from pretrain_det3d.evaluation.matching import DEFAULT_MAX_DETECTIONS, ClassMatches
+from pretrain_det3d.evaluation.matching import DEFAULT_MAX_DETECTIONS, BatchMatches, ClassMatches
 
 #: IoU thresholds at which AP is reported (nnDetection ``BoxEvaluator.create(fast=False)``).
 AP_IOU_THRESHOLDS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -128,6 +128,38 @@ def pool_detections(
     return all_scores[order], all_hits[order], num_gt
 
 
+def as_batch_matches(
+    case_matches: Sequence[Mapping[int, ClassMatches]] | BatchMatches, num_thresholds: int
+) -> BatchMatches:
+    """``case_matches`` as flat arrays (``match_cases``'s result passes through unchanged)."""
+    if isinstance(case_matches, BatchMatches):
+        return case_matches
+    return BatchMatches.from_case_matches(case_matches, num_thresholds)
+
+
+def pool_batch(batch: BatchMatches, class_ids: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """``pool_detections`` at every threshold at once: ``(scores [R], is_true_positive [T, R], num_gt)``.
+
+    The detections of ``batch`` are already in ``pool_detections``' concatenation order (case, class, rank), so
+    the same stable sort gives the same order, ties included.
+
+    Example:
+        >>> from pretrain_det3d.evaluation.matching import match_cases
+        >>> gt = np.array([[0, 0, 0, 4, 4, 4.]])
+        >>> pool_batch(match_cases([gt, gt], [[0.3], [0.7]], [[0], [0]], [gt, gt[:0]], [[0], []], [0.1]), [0])
+        (array([0.7, 0.3]), array([[False,  True]]), 1)
+    """
+    if class_ids is None:
+        det_mask, num_gt = slice(None), len(batch.gt_class)
+    else:
+        wanted = np.asarray(list(class_ids), dtype=np.int64)
+        det_mask = np.isin(batch.det_class, wanted)
+        num_gt = int(np.count_nonzero(np.isin(batch.gt_class, wanted)))
+    scores = batch.det_score[det_mask]
+    order = np.argsort(-scores, kind="mergesort")
+    return scores[order], batch.det_matched[:, det_mask][:, order], num_gt
+
+
 def interpolated_average_precision(
     is_true_positive: np.ndarray, num_gt: int, num_recall_points: int = NUM_RECALL_POINTS
 ) -> float:
@@ -165,7 +197,7 @@ def _class_mean(values: Sequence[float]) -> float:
 
 
 def compute_ap_metrics(
-    case_matches: Sequence[Mapping[int, ClassMatches]],
+    case_matches: Sequence[Mapping[int, ClassMatches]] | BatchMatches,
     class_ids: Sequence[int],
     iou_thresholds: Sequence[float],
     ap_thresholds: Sequence[float] = AP_IOU_THRESHOLDS,
@@ -175,7 +207,8 @@ def compute_ap_metrics(
     """AP per IoU threshold and mAP, overall and per class, under nnDetection's key names.
 
     ``iou_thresholds`` are the thresholds the matching ran at (``evaluation_iou_thresholds``); every AP threshold
-    and every threshold of the mAP range must be among them.
+    and every threshold of the mAP range must be among them. ``case_matches`` is one ``match_case`` result per
+    case or ``match_cases``' result for all of them (the same numbers; the latter is faster).
 
     Example:
         >>> from pretrain_det3d.evaluation.matching import match_case
@@ -192,14 +225,13 @@ def compute_ap_metrics(
             raise ValueError(f"IoU threshold {iou} was not among the matching thresholds {thresholds}")
         return thresholds.index(rounded)
 
-    # per_class_ap[class][threshold index] for every threshold the metrics need
+    # per_class_ap[class][threshold index] for every threshold the metrics need; one pooling per class
     needed = sorted({index_of(t) for t in ap_thresholds} | {index_of(t) for t in iou_range_thresholds(iou_range)})
+    batch = as_batch_matches(case_matches, len(thresholds))
     per_class_ap: dict[int, dict[int, float]] = {}
     for class_id in class_ids:
-        per_class_ap[class_id] = {}
-        for threshold_index in needed:
-            _, hits, num_gt = pool_detections(case_matches, [class_id], threshold_index)
-            per_class_ap[class_id][threshold_index] = interpolated_average_precision(hits, num_gt)
+        _, hits, num_gt = pool_batch(batch, [class_id])
+        per_class_ap[class_id] = {i: interpolated_average_precision(hits[i], num_gt) for i in needed}
 
     range_indices = [index_of(t) for t in iou_range_thresholds(iou_range)]
     results: dict[str, float] = {}

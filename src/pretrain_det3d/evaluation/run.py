@@ -24,7 +24,7 @@ from pretrain_det3d.data.boxes import boxes_from_instance_map
 from pretrain_det3d.data.errors import DatasetFormatError
 from pretrain_det3d.data.io import read_image
 from pretrain_det3d.evaluation.froc import FP_PER_SCAN, FROC_IOU_THRESHOLDS, compute_froc_metrics
-from pretrain_det3d.evaluation.matching import DEFAULT_MAX_DETECTIONS, ClassMatches, match_case
+from pretrain_det3d.evaluation.matching import DEFAULT_MAX_DETECTIONS, BatchMatches, match_cases
 from pretrain_det3d.evaluation.metrics import (
     AP_IOU_THRESHOLDS,
     MAP_IOU_RANGE,
@@ -132,29 +132,41 @@ def load_prediction(predictions_dir: str | os.PathLike, case: str) -> CaseBoxes:
     return CaseBoxes(boxes=boxes, labels=labels.astype(np.int64), scores=scores)
 
 
-def _case_row(case: str, gt: CaseBoxes, pred: CaseBoxes, matches: dict[int, ClassMatches], index: int) -> dict:
-    """Per-case counts at the matching threshold ``index`` over all classes."""
-    tp = fp = num_evaluated = 0
-    tp_scores, fp_scores = [], []
-    for result in matches.values():
-        hits = result.pred_matched[index]
-        tp += int(hits.sum())
-        fp += int((~hits).sum())
-        num_evaluated += result.num_pred
-        tp_scores.extend(result.scores[hits].tolist())
-        fp_scores.extend(result.scores[~hits].tolist())
-    return {
-        "case": case,
-        "num_gt": int(len(gt.labels)),
-        "num_pred": int(len(pred.labels)),
-        "num_evaluated": num_evaluated,
-        "tp": tp,
-        "fp": fp,
-        "fn": int(len(gt.labels)) - tp,
-        "best_score": float(np.max(pred.scores)) if len(pred.scores) else math.nan,
-        "best_tp_score": max(tp_scores) if tp_scores else math.nan,
-        "best_fp_score": max(fp_scores) if fp_scores else math.nan,
+def _max_per_case(values: np.ndarray, cases: np.ndarray, num_cases: int) -> np.ndarray:
+    """Largest value per case (``cases`` sorted ascending), NaN for a case without values."""
+    out = np.full(num_cases, math.nan)
+    if len(values):
+        present, starts = np.unique(cases, return_index=True)
+        out[present] = np.maximum.reduceat(values, starts)
+    return out
+
+
+def _case_table(
+    case_ids: Sequence[str], ground_truth: Sequence[CaseBoxes], predictions: Sequence[CaseBoxes],
+    batch: BatchMatches, index: int,
+) -> pd.DataFrame:
+    """Per-case counts at the matching threshold ``index`` over all classes (``CASE_TABLE_COLUMNS``)."""
+    num_cases = len(case_ids)
+    if num_cases == 0:
+        return pd.DataFrame([], columns=list(CASE_TABLE_COLUMNS))
+    hits = batch.det_matched[index]
+    tp = np.bincount(batch.det_case[hits], minlength=num_cases)
+    fp = np.bincount(batch.det_case[~hits], minlength=num_cases)
+    num_gt = np.asarray([len(gt.labels) for gt in ground_truth], dtype=np.int64)
+    columns = {
+        "case": list(case_ids),
+        "num_gt": num_gt,
+        "num_pred": np.asarray([len(pred.labels) for pred in predictions], dtype=np.int64),
+        "num_evaluated": np.bincount(batch.det_case, minlength=num_cases).astype(np.int64),
+        "tp": tp.astype(np.int64),
+        "fp": fp.astype(np.int64),
+        "fn": num_gt - tp,
+        "best_score": np.asarray([float(np.max(pred.scores)) if len(pred.scores) else math.nan
+                                  for pred in predictions], dtype=np.float64),
+        "best_tp_score": _max_per_case(batch.det_score[hits], batch.det_case[hits], num_cases),
+        "best_fp_score": _max_per_case(batch.det_score[~hits], batch.det_case[~hits], num_cases),
     }
+    return pd.DataFrame(columns, columns=list(CASE_TABLE_COLUMNS))
 
 
 def evaluate_cases(
@@ -187,24 +199,24 @@ def evaluate_cases(
     table_index = iou_thresholds.tolist().index(round(CASE_TABLE_IOU, 2))
     known = set(int(c) for c in class_ids)
 
-    case_matches, rows = [], []
-    for case, gt, pred in zip(case_ids, ground_truth, predictions):
+    for case, pred in zip(case_ids, predictions):
         unknown = sorted(set(pred.labels.tolist()) - known)
         if unknown:
             raise ValueError(f"case {case!r}: predicted labels {unknown} are not dataset classes {sorted(known)}")
-        matches = match_case(pred.boxes, pred.scores, pred.labels, gt.boxes, gt.labels, iou_thresholds, max_detections)
-        case_matches.append(matches)
-        rows.append(_case_row(case, gt, pred, matches, table_index))
+    # all cases, classes and thresholds in one pass (the numbers of match_case, case by case)
+    batch = match_cases([p.boxes for p in predictions], [p.scores for p in predictions],
+                        [p.labels for p in predictions], [g.boxes for g in ground_truth],
+                        [g.labels for g in ground_truth], iou_thresholds, max_detections)
 
     metrics: dict[str, Any] = {}
-    metrics.update(compute_ap_metrics(case_matches, list(class_ids), iou_thresholds, ap_thresholds, iou_range,
+    metrics.update(compute_ap_metrics(batch, list(class_ids), iou_thresholds, ap_thresholds, iou_range,
                                       max_detections))
-    metrics.update(compute_froc_metrics(case_matches, list(class_ids), iou_thresholds, froc_thresholds, fp_per_scan))
+    metrics.update(compute_froc_metrics(batch, list(class_ids), iou_thresholds, froc_thresholds, fp_per_scan))
     metrics["num_cases"] = len(case_ids)
     metrics["num_gt"] = int(sum(len(gt.labels) for gt in ground_truth))
     metrics["num_pred"] = int(sum(len(pred.labels) for pred in predictions))
     metrics["classes"] = [int(c) for c in class_ids]
-    table = pd.DataFrame(rows, columns=list(CASE_TABLE_COLUMNS))
+    table = _case_table(case_ids, ground_truth, predictions, batch, table_index)
     return metrics, table
 
 
