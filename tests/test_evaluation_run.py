@@ -37,22 +37,24 @@ def study(tmp_path: Path) -> tuple[Path, Path, list[str]]:
     converted = tmp_path / "converted" / "demo"
     converted.mkdir(parents=True)
     (converted / "dataset.json").write_text(json.dumps({"name": "demo", "labels": {"0": "lesion", "1": "cyst"}}))
-    # case a: a class-0 object at z 1-4, y 2-6, x 3-8 and a class-1 object; case b: empty; case c: one object
+    # case a: a class-0 object on voxels z 1..3, y 2..5, x 3..7 and a class-1 object; case b: empty; case c: one
+    # object; predictions are the objects' boxes in nnDetection's convention [first - 1, last + 1] (data.boxes)
     write_case(converted, "a", {1: ((slice(1, 4), slice(2, 6), slice(3, 8)), 0),
                                 2: ((slice(6, 10), slice(10, 14), slice(10, 15)), 1)})
     write_case(converted, "b", {})
     write_case(converted, "c", {1: ((slice(2, 5), slice(2, 5), slice(2, 5)), 0)})
     predictions = tmp_path / "predictions"
-    write_prediction(predictions, "a", [[1, 2, 3, 4, 6, 8], [0, 0, 0, 1, 1, 1]], [0.9, 0.95], [0, 1])
+    write_prediction(predictions, "a", [[0, 1, 2, 4, 6, 8], [0, 0, 0, 1, 1, 1]], [0.9, 0.95], [0, 1])
     write_prediction(predictions, "b", [], [], [])
-    write_prediction(predictions, "c", [[2, 2, 2, 5, 5, 5]], [0.6], [0])
+    write_prediction(predictions, "c", [[1, 1, 1, 5, 5, 5]], [0.6], [0])
     return predictions, converted, ["a", "b", "c"]
 
 
 def test_ground_truth_boxes_come_from_the_instance_map(study) -> None:
     _, converted, _ = study
     gt = load_ground_truth(converted, "a")
-    np.testing.assert_array_equal(gt.boxes, [[1, 2, 3, 4, 6, 8], [6, 10, 10, 10, 14, 15]])
+    # by hand: [first - 1, last + 1] per axis (voxels z 1..3, y 2..5, x 3..7 and z 6..9, y 10..13, x 10..14)
+    np.testing.assert_array_equal(gt.boxes, [[0, 1, 2, 4, 6, 8], [5, 9, 9, 10, 14, 15]])
     assert gt.labels.tolist() == [0, 1]
 
 
