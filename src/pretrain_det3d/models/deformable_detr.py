@@ -36,7 +36,7 @@ segmentation).
 
 Inference: sigmoid scores of the last decoder layer, the ``max_detections`` best (query, class) pairs (default:
 ``num_queries``, as the release's top-k post-processing), boxes scaled to patch voxels (MONAI standard mode,
-z-y-x, max exclusive) and clipped to the patch. No NMS (the one-to-one matching teaches queries not to
+z-y-x, the convention of :mod:`pretrain_det3d.data.boxes`) and clipped to the patch. No NMS (the one-to-one matching teaches queries not to
 duplicate).
 
 Fine-tuning defaults (AdamW lr 3e-4, weight decay 1e-4, betas 0.9/0.999, eps 1e-4, AMSGrad, poly decay, 10000
