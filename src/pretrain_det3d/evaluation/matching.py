@@ -12,8 +12,8 @@ The rule is the one of the COCO evaluation as nnDetection applies it to 3D boxes
 - a prediction that finds no partner is a false positive; a ground-truth box nobody took is a false negative.
 
 Ground-truth "ignore" flags of nnDetection are not used in this study (every converted instance counts).
-IoUs are MONAI's ``box_iou`` numbers (standard mode ``(z0, y0, x0, z1, y1, x1)``, max exclusive, float32
-arithmetic), computed by :func:`pretrain_det3d.data.boxes.pairwise_box_iou` in numpy so that evaluation jobs
+IoUs are MONAI's ``box_iou`` numbers (standard mode ``(z0, y0, x0, z1, y1, x1)``, volumes ``prod(max - min)``
+without a ``+ 1`` term as nnDetection's ``box_iou_np``, float32 arithmetic), computed by :func:`pretrain_det3d.data.boxes.pairwise_box_iou` in numpy so that evaluation jobs
 do not pay for importing torch and MONAI.
 
 Two implementations give the same numbers: ``greedy_match`` / ``match_class`` follow the rule literally, one
