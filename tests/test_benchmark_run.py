@@ -13,7 +13,7 @@ from torch import nn
 
 from pretrain_det3d.benchmark import format_table, validate_record
 from pretrain_det3d.benchmark.comparisons import NnUNetArrayDatasetFactory, ResEncFeatures, build_nnunet_loader
-from pretrain_det3d.benchmark.evaluation import measure_evaluation
+from pretrain_det3d.benchmark.evaluation import measure_evaluation, monai_evaluation, synthetic_cases
 from pretrain_det3d.benchmark.fixtures import read_plan, write_benchmark_cases
 from pretrain_det3d.benchmark.run import BenchmarkSettings, settings_from_study_config
 from pretrain_det3d.benchmark.timing import summarize, time_repeats
@@ -169,5 +169,24 @@ def test_nnunet_loader_reads_our_arrays(tmp_path):
 
 
 def test_evaluation_timing_runs_the_real_metric():
-    result = measure_evaluation(num_cases=4, boxes_per_case=20, seed=0, repeats=1)
+    result = measure_evaluation(num_cases=4, boxes_per_case=20, seed=0, repeats=1, compare=False)
     assert result["seconds"] > 0 and result["num_cases"] == 4
+    assert result["monai_seconds"] is None and result["ratio"] is None
+
+
+def test_evaluation_is_timed_side_by_side_with_monai():
+    result = measure_evaluation(num_cases=6, boxes_per_case=30, seed=1, repeats=2)
+    assert len(result["timing"]["repeats_s"]) == 2 and len(result["monai_timing"]["repeats_s"]) == 2
+    assert result["ratio"] == pytest.approx(result["monai_seconds"] / result["seconds"])
+    # the same boxes: MONAI's AP/mAP equal ours (they differ only by MONAI's 2e-16 epsilon in the precision)
+    assert result["max_ap_difference"] < 1e-12
+    ids, gts, preds = synthetic_cases(6, 30, 1)
+    theirs = monai_evaluation(gts, preds, [0])
+    assert 0 < theirs["AP_IoU_0.10_MaxDet_100"] < 1  # a non-trivial comparison
+
+
+def test_cli_record_holds_the_evaluation_comparison(cli_record):
+    evaluation = cli_record["evaluation"]
+    assert evaluation["num_cases"] == 3 and evaluation["boxes_per_case"] == 10
+    assert evaluation["ratio"] == pytest.approx(evaluation["monai_seconds"] / evaluation["seconds"])
+    assert "evaluation time MONAI / ours" in format_table(cli_record)

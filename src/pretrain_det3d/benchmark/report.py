@@ -22,7 +22,7 @@ REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "loading": ("batches_per_second", "num_workers", "model_iterations_per_second", "loader_to_model_ratio",
                 "keeps_up"),
     "inference": ("seconds_per_case", "tiles", "case_shape"),
-    "evaluation": ("seconds", "num_cases", "boxes_per_case"),
+    "evaluation": ("seconds", "num_cases", "boxes_per_case", "monai_seconds", "ratio"),
     "comparisons": ("loader_vs_nnunet", "train_step_vs_monai"),
 }
 OPTIONAL_SECTIONS = ("inference", "evaluation")  # may be null when switched off
@@ -84,6 +84,9 @@ def format_table(record: Mapping[str, Any]) -> str:
     if record.get("evaluation"):
         e = record["evaluation"]
         rows.append((f"evaluation s ({e['num_cases']} cases x {e['boxes_per_case']} boxes)", _fmt(e["seconds"])))
+        if e.get("ratio") is not None:
+            rows.append(("evaluation time MONAI / ours", f"{_fmt(e['ratio'])} (ours {_fmt(e['seconds'], ' s')} vs "
+                                                         f"MONAI matching_batch + COCOMetric {_fmt(e['monai_seconds'], ' s')})"))
     comparisons = record["comparisons"]
     if comparisons.get("loader_vs_nnunet"):
         x = comparisons["loader_vs_nnunet"]

@@ -197,7 +197,9 @@ def run_benchmark(
                                                     warmup=0, repeats=s.inference_repeats)
             trainer.model.to(device)
         stages.update(1)
-        record["evaluation"] = (measure_evaluation(s.eval_cases, s.eval_boxes, s.seed, repeats=max(1, min(s.repeats, 3)))
+        # ours and MONAI's matching_batch + COCOMetric on the same boxes, interleaved (when compare is on)
+        record["evaluation"] = (measure_evaluation(s.eval_cases, s.eval_boxes, s.seed, repeats=max(1, min(s.repeats, 3)),
+                                                   compare=s.compare)
                                 if s.evaluation else None)
         stages.update(1)
 
