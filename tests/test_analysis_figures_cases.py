@@ -49,8 +49,9 @@ GT = {
     "t_c": [[1, 1, 1, 4, 5, 5], [6, 12, 14, 9, 18, 22]],
     "t_d": [],
 }
-# (box, score) per case; the first box of t_b and the second of t_c equal a ground-truth box (true positives)
-PRED = {
+# (voxel extent [first, last + 1) per axis, score) per case; the first box of t_b and the second of t_c equal a
+# ground-truth box (true positives). Predictions are written as boxes (``as_box``), like the ground truth's.
+PRED_EXTENTS = {
     "t_a": [([2, 4, 5, 6, 10, 12], 0.9), ([7, 14, 16, 9, 18, 22], 0.3),
             ([3, 0, 6, 4, 3, 11], 0.25), ([5, 0, 6, 7, 3, 11], 0.2)],  # end at / start after slice z = 4: not on it
     "t_b": [([1, 2, 2, 5, 8, 8], 0.8), ([2, 12, 14, 4, 16, 20], 0.2),  # on the best case's axial slice z = 3
@@ -59,6 +60,19 @@ PRED = {
     "t_c": [([1, 14, 1, 3, 18, 5], 0.95), ([6, 12, 14, 9, 18, 22], 0.5)],
     "t_d": [([4, 4, 4, 6, 8, 8], 0.99)],
 }
+
+
+def as_box(extent) -> list[float]:
+    """nnDetection's box of the voxels ``[first, last + 1)`` per axis: ``[first - 1, last + 1]``."""
+    return [v - 1 for v in extent[:3]] + list(extent[3:])
+
+
+def rect(x0, y0, width, height, style):
+    """A drawn rectangle of a voxel extent (Rectangle((x0, y0), w, h) of the extent) in box coordinates."""
+    return (x0 - 1.0, y0 - 1.0, width + 1.0, height + 1.0, style)
+
+
+PRED = {case: [(as_box(extent), score) for extent, score in pairs] for case, pairs in PRED_EXTENTS.items()}
 FOLD_OF = {"t_a": 0, "t_b": 0, "t_c": 1, "t_d": 1}
 WORST_AP = 0.5 * 51 / 101
 
@@ -163,7 +177,7 @@ def test_drawn_rectangles_are_the_boxes(study: dict[str, Path]) -> None:
         image = best_axial.images[0]
         np.testing.assert_array_equal(image.get_array(), volume_of("t_a")[4])
         np.testing.assert_array_equal(best_coronal.images[0].get_array(), volume_of("t_a")[:, 7, :])
-        assert list(image.get_extent()) == [0.0, 24.0, 20.0, 0.0]  # pixel i covers [i, i + 1)
+        assert list(image.get_extent()) == [-0.5, 23.5, 19.5, -0.5]  # pixel i covers [i - 0.5, i + 0.5]
         expected_window = tuple(np.percentile(volume_of("t_a"), [0.5, 99.5]))
         assert image.get_clim() == pytest.approx(expected_window)
         assert best_axial.get_aspect() == pytest.approx(SPACING[1] / SPACING[2])
@@ -176,19 +190,19 @@ def test_drawn_rectangles_are_the_boxes(study: dict[str, Path]) -> None:
         solid, dashed = "-", "--"
         assert (TP_LINESTYLE, FP_LINESTYLE) == (solid, dashed)
         # axial (rows y, columns x): Rectangle((x0, y0), x1 - x0, y1 - y0)
-        assert rectangles(best_axial, GT_GID) == [(5.0, 4.0, 7.0, 6.0, solid)]
+        assert rectangles(best_axial, GT_GID) == [rect(5.0, 4.0, 7.0, 6.0, solid)]
         # the FPs at z 7-8, z [3, 4) and z [5, 7) all miss slice z = 4 ([4, 5))
-        assert rectangles(best_axial, PRED_GID) == [(5.0, 4.0, 7.0, 6.0, solid)]
+        assert rectangles(best_axial, PRED_GID) == [rect(5.0, 4.0, 7.0, 6.0, solid)]
         # coronal (rows z, columns x) at y = 7: the FP's y range 14-17 misses it
-        assert rectangles(best_coronal, GT_GID) == [(5.0, 2.0, 7.0, 4.0, solid)]
-        assert rectangles(best_coronal, PRED_GID) == [(5.0, 2.0, 7.0, 4.0, solid)]
+        assert rectangles(best_coronal, GT_GID) == [rect(5.0, 2.0, 7.0, 4.0, solid)]
+        assert rectangles(best_coronal, PRED_GID) == [rect(5.0, 2.0, 7.0, 4.0, solid)]
         # worst case t_c: largest object [6, 12, 14, 9, 18, 22] -> z = 7, y = 15
         assert "t_c (fold 1)" in worst_axial.get_title() and "z=7" in worst_axial.get_title()
-        assert rectangles(worst_axial, GT_GID) == [(14.0, 12.0, 8.0, 6.0, solid)]
-        assert rectangles(worst_axial, PRED_GID) == [(14.0, 12.0, 8.0, 6.0, solid)]
-        assert rectangles(worst_coronal, GT_GID) == [(14.0, 6.0, 8.0, 3.0, solid)]
+        assert rectangles(worst_axial, GT_GID) == [rect(14.0, 12.0, 8.0, 6.0, solid)]
+        assert rectangles(worst_axial, PRED_GID) == [rect(14.0, 12.0, 8.0, 6.0, solid)]
+        assert rectangles(worst_coronal, GT_GID) == [rect(14.0, 6.0, 8.0, 3.0, solid)]
         # the 0.95 false positive (z 1-2, y 14-17) crosses y = 15 but not z = 7
-        assert rectangles(worst_coronal, PRED_GID) == [(1.0, 1.0, 4.0, 2.0, dashed), (14.0, 6.0, 8.0, 3.0, solid)]
+        assert rectangles(worst_coronal, PRED_GID) == [rect(1.0, 1.0, 4.0, 2.0, dashed), rect(14.0, 6.0, 8.0, 3.0, solid)]
         texts = sorted(t.get_text() for t in worst_coronal.texts)
         assert texts == ["0.50", "0.95"]
         # the empty dataset: a row with notes, blank slices, no boxes
@@ -211,7 +225,7 @@ def test_top_k_min_score_and_slice_intersection(study: dict[str, Path]) -> None:
     assert axial.title.startswith("best: t_b") and axial.index == 3  # floor((1 + 5) / 2)
     # on z = 3: the hit (0.8), the FP (0.2); the 0.7 box lies at z 6-7 and the 0.05 box is below min_score
     assert axial.pred_texts == ("0.80",) and axial.pred_hits == (True,)
-    np.testing.assert_array_equal(axial.pred_boxes, [[2, 2, 8, 8]])
+    np.testing.assert_array_equal(axial.pred_boxes, [[1, 1, 8, 8]])  # extent y 2-7, x 2-7 as a box
     row = dataset_examples(best, study["predictions"], study["converted"], top_k=5, min_score=0.1)
     assert row.views[0].pred_texts == ("0.80", "0.20")
     row = dataset_examples(best, study["predictions"], study["converted"], top_k=5, min_score=0.0)
@@ -260,9 +274,9 @@ def test_window_and_view_by_hand() -> None:
     # 100 mm square around the box centre (205, 205): 200 rows of 0.5 mm, 100 columns of 1 mm
     assert view_limits(np.array([200, 200, 210, 210.]), (400, 400), (0.5, 1.0)) == (105.0, 305.0, 155.0, 255.0)
     # at a border the square moves inside the slice (centre 375 +- 50 would pass 400)
-    assert view_limits(np.array([0, 0, 4, 4.]), (400, 400), (0.5, 1.0)) == (0.0, 200.0, 0.0, 100.0)
-    assert view_limits(np.array([370, 370, 380, 380.]), (400, 400), (1.0, 1.0)) == (300.0, 400.0, 300.0, 400.0)
+    assert view_limits(np.array([0, 0, 4, 4.]), (400, 400), (0.5, 1.0)) == (-0.5, 199.5, -0.5, 99.5)
+    assert view_limits(np.array([370, 370, 380, 380.]), (400, 400), (1.0, 1.0)) == (299.5, 399.5, 299.5, 399.5)
     # a 60 mm box widens the square to 4 x 60 = 240 mm: centre 330 +- 120, moved back to end at 400
-    assert view_limits(np.array([300, 300, 360, 360.]), (400, 400), (1.0, 1.0)) == (160.0, 400.0, 160.0, 400.0)
+    assert view_limits(np.array([300, 300, 360, 360.]), (400, 400), (1.0, 1.0)) == (159.5, 399.5, 159.5, 399.5)
     # a 120 mm box asks for 480 mm: the whole 400 mm slice
-    assert view_limits(np.array([200, 200, 320, 320.]), (400, 400), (1.0, 1.0)) == (0.0, 400.0, 0.0, 400.0)
+    assert view_limits(np.array([200, 200, 320, 320.]), (400, 400), (1.0, 1.0)) == (-0.5, 399.5, -0.5, 399.5)

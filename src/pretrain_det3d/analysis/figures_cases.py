@@ -21,9 +21,10 @@ What is chosen, and how (the report caption ``workflow/report/detection_examples
   predictions with score at least ``DEFAULT_MIN_SCORE`` that intersect the slice and the view, with their scores;
   a prediction matched to a ground-truth box at IoU 0.1 (a true positive) is drawn solid, any other dashed.
 
-Geometry follows ``data.boxes``: a box ``(z0, y0, x0, z1, y1, x1)`` is in converted-image voxels with the max
-exclusive, voxel ``i`` spans ``[i, i + 1)``, so a box meets slice ``k`` when ``lo < k + 1`` and ``hi > k``, and the
-image is drawn with pixel ``i`` covering ``[i, i + 1)``: a rectangle's corners are the box's numbers. Pixels keep
+Geometry follows ``data.boxes`` (nnDetection's convention): a box ``(z0, y0, x0, z1, y1, x1)`` is in
+converted-image voxel coordinates, voxel ``i``'s centre at ``i``, and a mask's box runs from one voxel before its
+first voxel to one voxel after its last (``[first - 1, last + 1]``). So a box meets slice ``k`` when ``lo < k < hi``,
+and the image is drawn with pixel ``i`` covering ``[i - 0.5, i + 0.5]``: a rectangle's corners are the box's numbers. Pixels keep
 the voxel spacing's aspect ratio. The view is a square of at least ``VIEW_MIN_MM`` (and ``VIEW_CONTEXT`` times the
 focus box) around the focus box, cut to the image. The intensity window spans the ``WINDOW_PERCENTILES`` of the
 whole volume (per modality of channel 0). Slices are shown in array order (row 0 at the top), not reoriented.
@@ -62,6 +63,7 @@ from pretrain_det3d.analysis.tables import (  # noqa: E402
     AnalysisInputError,
     require_columns,
 )
+from pretrain_det3d.data.boxes import box_centre_indices  # noqa: E402
 from pretrain_det3d.data.errors import DatasetFormatError  # noqa: E402
 from pretrain_det3d.data.io import read_image  # noqa: E402
 from pretrain_det3d.evaluation.run import CaseBoxes, load_ground_truth, load_prediction, read_class_ids  # noqa: E402
@@ -69,6 +71,8 @@ from pretrain_det3d.utils.atomic import atomic_path  # noqa: E402
 
 LOGGER = logging.getLogger(__name__)
 
+#: Voxel ``i`` is drawn over ``[i - PIXEL_HALF, i + PIXEL_HALF]``: box coordinates put voxel centres at integers.
+PIXEL_HALF = 0.5
 #: At most this many predictions are drawn per slice (the highest-scoring ones), each with its score.
 DEFAULT_TOP_K = 5
 #: Predictions scoring below this are not drawn.
@@ -297,28 +301,29 @@ def focus_box(gt: CaseBoxes, pred: CaseBoxes, shape: Sequence[int]) -> tuple[np.
         return gt.boxes[int(np.argmax(volumes))].astype(float), "largest GT box"
     if len(pred.boxes):
         return pred.boxes[int(np.argmax(pred.scores))].astype(float), "top prediction"
-    return np.array([0, 0, 0, *shape], dtype=float), "volume centre"
+    return np.array([-1, -1, -1, *shape], dtype=float), "volume centre"  # the box of every voxel
 
 
 def slice_index(box: np.ndarray, axis: int, size: int) -> int:
-    """The slice through the centre of ``box`` along ``axis``, kept inside ``[0, size)``.
+    """The slice through the centre of ``box`` along ``axis`` (a half-way centre rounds up), kept in ``[0, size)``.
 
     Example:
-        >>> slice_index(np.array([3, 0, 0, 5, 1, 1.]), 0, 10)  # voxels 3 and 4: centre 4.0
+        >>> slice_index(np.array([2, 0, 0, 5, 1, 1.]), 0, 10)  # voxels 3 and 4: centre 3.5
         4
     """
-    return int(np.clip(math.floor((box[axis] + box[axis + 3]) / 2.0), 0, size - 1))
+    centre = float(box_centre_indices(np.asarray(box, dtype=float).reshape(1, 6))[0, axis])
+    return int(np.clip(math.floor(centre + 0.5), 0, size - 1))
 
 
 def boxes_on_slice(boxes: np.ndarray, axis: int, index: int) -> np.ndarray:
-    """Bool mask of the boxes that meet slice ``index`` (voxel ``[index, index + 1)``) along ``axis``.
+    """Bool mask of the boxes that meet slice ``index`` (the voxel centred at ``index``) along ``axis``.
 
     Example:
-        >>> boxes_on_slice(np.array([[3, 0, 0, 5, 1, 1.], [5, 0, 0, 6, 1, 1.]]), 0, 4).tolist()
+        >>> boxes_on_slice(np.array([[2, 0, 0, 5, 1, 1.], [4, 0, 0, 6, 1, 1.]]), 0, 4).tolist()  # voxels 3-4, 5
         [True, False]
     """
     boxes = np.asarray(boxes, dtype=float).reshape(-1, 6)
-    return (boxes[:, axis] < index + 1) & (boxes[:, axis + 3] > index)
+    return (boxes[:, axis] < index) & (boxes[:, axis + 3] > index)
 
 
 def in_plane(boxes: np.ndarray, axes: tuple[int, int]) -> np.ndarray:
@@ -347,11 +352,12 @@ def intensity_window(volume: np.ndarray, modality: str | None) -> tuple[float, f
 
 
 def view_limits(rect: np.ndarray, shape: tuple[int, int], spacing: tuple[float, float]) -> tuple[float, ...]:
-    """``(r0, r1, c0, c1)`` of a square view (in mm) around ``rect``, moved and cut to stay inside the slice.
+    """``(r0, r1, c0, c1)`` of a square view (in mm) around ``rect``, moved and cut to stay inside the slice, whose
+    pixels ``0 .. size - 1`` cover ``[-0.5, size - 0.5]``.
 
     Example:
         >>> view_limits(np.array([10, 10, 12, 12.]), (400, 400), (1.0, 1.0))  # 100 mm around the centre 11
-        (0.0, 100.0, 0.0, 100.0)
+        (-0.5, 99.5, -0.5, 99.5)
     """
     extent_mm = max((rect[2] - rect[0]) * spacing[0], (rect[3] - rect[1]) * spacing[1], 0.0)
     side_mm = max(VIEW_MIN_MM, VIEW_CONTEXT * extent_mm)
@@ -359,11 +365,11 @@ def view_limits(rect: np.ndarray, shape: tuple[int, int], spacing: tuple[float, 
     for axis in range(2):
         size, half = float(shape[axis]), side_mm / spacing[axis] / 2.0
         if 2 * half >= size:
-            limits += [0.0, size]
+            limits += [-PIXEL_HALF, size - PIXEL_HALF]
             continue
-        centre = (rect[axis] + rect[axis + 2]) / 2.0
+        centre = (rect[axis] + rect[axis + 2]) / 2.0 + PIXEL_HALF  # in pixel-edge units, the slice spans [0, size]
         low = min(max(centre - half, 0.0), size - 2 * half)
-        limits += [low, low + 2 * half]
+        limits += [low - PIXEL_HALF, low + 2 * half - PIXEL_HALF]
     return tuple(limits)
 
 
@@ -515,9 +521,9 @@ def detection_examples(runs: pd.DataFrame, predictions_root: str | os.PathLike, 
 
 
 def draw_view(ax: matplotlib.axes.Axes, view: SliceView) -> None:
-    """Draw one panel: the slice (pixel ``i`` covering ``[i, i + 1)``), the boxes as rectangles and the notes."""
+    """Draw one panel: the slice (pixel ``i`` covering ``[i - 0.5, i + 0.5]``), the boxes as rectangles and notes."""
     rows, columns = view.shape
-    extent = (0.0, float(columns), float(rows), 0.0)
+    extent = (-PIXEL_HALF, columns - PIXEL_HALF, rows - PIXEL_HALF, -PIXEL_HALF)
     if view.image is not None:
         ax.imshow(view.image, cmap="gray", vmin=view.window[0], vmax=view.window[1], extent=extent,
                   interpolation="nearest", aspect=view.aspect)
