@@ -142,8 +142,8 @@ class CaseChoice:
 class SliceView:
     """One drawn panel: a 2D slice, its geometry, the boxes on it and notes.
 
-    ``gt_boxes`` and ``pred_boxes`` are in-plane rectangles ``(r0, c0, r1, c1)`` (rows, columns of ``image``, max
-    exclusive, the box's own numbers); ``limits`` is ``(r0, r1, c0, c1)`` of the view.
+    ``gt_boxes`` and ``pred_boxes`` are in-plane rectangles ``(r0, c0, r1, c1)`` (rows, columns of ``image``, in box
+    coordinates: the box's own numbers); ``limits`` is ``(r0, r1, c0, c1)`` of the view.
     """
 
     title: str
