@@ -94,10 +94,13 @@ def test_scratch_needs_no_pretraining(tmp_path, snakemake_runner):
 def test_target_path_schedules_only_its_chain(tmp_path, snakemake_runner):
     result = snakemake_runner(tmp_path, "-n", "results/metrics/retina_unet/mae/smoke_lesions/fold1.json")
     counts = job_counts(result.stdout)
-    assert counts["finetune"] == counts["predict"] == counts["evaluate"] == counts["pretrain"] == 1
+    # fold 1's post-processing is swept on the run's other fold (0): its model and raw predictions join the chain
+    assert counts["finetune"] == counts["predict"] == 2
+    assert counts["evaluate"] == counts["sweep"] == counts["consolidate"] == counts["pretrain"] == 1
     assert "aggregate" not in counts and not any(rule.startswith(("figure_", "table_")) for rule in counts)
     assert "results/finetune/retina_unet/mae/smoke_lesions/fold1/model_final.pth" in result.stdout
-    assert "fold0" not in result.stdout
+    assert "results/metrics/retina_unet/mae/smoke_lesions/fold0.json" not in result.stdout
+    assert "results/predictions/retina_unet/mae/smoke_lesions/fold0" not in result.stdout
 
 
 def test_config_subset_schedules_only_the_subset(tmp_path, snakemake_runner):

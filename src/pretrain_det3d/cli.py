@@ -183,11 +183,59 @@ def cmd_detect(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_predict_raw(args: argparse.Namespace) -> None:
+    from pretrain_det3d.inference.postprocessing import TEST_CASES_DIR, preprocessed_case_ids, run_raw_prediction
+
+    _set_threads(args.threads)
+    if args.test:
+        cases_dir = Path(args.preprocessed) / TEST_CASES_DIR
+        cases = preprocessed_case_ids(cases_dir)
+    else:
+        cases_dir = Path(args.preprocessed) / "cases"
+        cases = _validation_cases(Path(args.preprocessed) / "splits.json", args.fold)
+    run_raw_prediction(args.model, cases_dir, cases, args.out_dir, args.settings)
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from pretrain_det3d.inference.postprocessing import run_sweep
+
+    record = run_sweep(args.raw, args.converted, args.out, args.settings, args.postprocessing, args.folds,
+                       evaluated=args.evaluated)
+    print(f"{args.out}: {record['source']} parameters {record['parameters']}")
+
+
+def cmd_consolidate(args: argparse.Namespace) -> None:
+    from pretrain_det3d.inference.postprocessing import run_consolidation
+
+    params = run_consolidation(args.raw, args.out_dir, args.settings, args.postprocessing_json)
+    print(f"{args.out_dir}: consolidated with {params}")
+
+
+def cmd_preprocess_test(args: argparse.Namespace) -> None:
+    from pretrain_det3d.inference.postprocessing import preprocess_test_cases
+
+    cases = preprocess_test_cases(args.converted, args.plan, args.out)
+    print(f"{args.out}: {len(cases)} test case(s)")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from pretrain_det3d.evaluation import run_evaluation
 
-    cases = _validation_cases(args.splits, args.fold)
-    run_evaluation(args.predictions, args.converted, cases, args.out_json, args.out_csv)
+    extra = {}
+    if args.postprocessing is not None:
+        from pretrain_det3d.inference.postprocessing import postprocessing_summary
+
+        extra["postprocessing"] = postprocessing_summary(json.loads(Path(args.postprocessing).read_text()))
+    if args.test:
+        from pretrain_det3d.data.io import list_case_ids
+
+        cases = list_case_ids(args.converted, test=True)
+    else:
+        if args.splits is None or args.fold is None:
+            raise ValueError("evaluate needs --splits and --fold (or --test for the held-out test cases)")
+        cases = _validation_cases(args.splits, args.fold)
+    run_evaluation(args.predictions, args.converted, cases, args.out_json, args.out_csv, test=args.test,
+                   extra=extra)
 
 
 def cmd_aggregate(args: argparse.Namespace) -> None:
@@ -367,11 +415,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", type=Path, default=None, help="the dataset's plan.json, for runs that do not record it")
     p.add_argument("--threads", type=int, default=None)
 
+    p = verb("predict-raw", cmd_predict_raw,
+             "predict a fold's validation cases (or the test cases) and keep the raw passes for the sweep")
+    p.add_argument("--model", type=Path, nargs="+", required=True, help="one model, or the folds of a run")
+    p.add_argument("--preprocessed", type=Path, required=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--fold", type=int, help="predict this fold's validation cases")
+    which.add_argument("--test", action="store_true", help="predict the preprocessed held-out test cases")
+    p.add_argument("--settings", type=_settings, default={}, help="inference settings (InferenceSettings)")
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=None)
+
+    p = verb("sweep", cmd_sweep, "choose the consolidation parameters on other folds' raw predictions")
+    p.add_argument("--raw", type=Path, nargs="*", default=[], help="raw prediction folders to sweep on")
+    p.add_argument("--folds", type=int, nargs="*", default=[], help="their folds (for the record)")
+    p.add_argument("--converted", type=Path, required=True)
+    p.add_argument("--settings", type=_settings, default={}, help="inference settings (the starting point)")
+    p.add_argument("--postprocessing", type=_settings, default={}, help="PostprocessingSettings as JSON")
+    p.add_argument("--for", dest="evaluated", default="", help="what the parameters are for, e.g. 'fold 1'")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = verb("consolidate", cmd_consolidate, "consolidate raw predictions into prediction JSONs")
+    p.add_argument("--raw", type=Path, required=True)
+    p.add_argument("--postprocessing-json", type=Path, default=None, help="a sweep record whose parameters apply")
+    p.add_argument("--settings", type=_settings, default={}, help="inference settings")
+    p.add_argument("--out-dir", type=Path, required=True)
+
+    p = verb("preprocess-test", cmd_preprocess_test, "preprocess a dataset's held-out test cases with its plan")
+    p.add_argument("--converted", type=Path, required=True)
+    p.add_argument("--plan", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+
     p = verb("evaluate", cmd_evaluate, "compute nnDetection's metrics for a fold")
     p.add_argument("--predictions", type=Path, required=True)
     p.add_argument("--converted", type=Path, required=True)
-    p.add_argument("--splits", type=Path, required=True)
-    p.add_argument("--fold", type=int, required=True)
+    p.add_argument("--splits", type=Path, default=None)
+    p.add_argument("--fold", type=int, default=None)
+    p.add_argument("--test", action="store_true", help="the held-out test cases (labelsTs) instead of a fold")
+    p.add_argument("--postprocessing", type=Path, default=None, help="the sweep record the predictions used")
     p.add_argument("--out-json", type=Path, required=True)
     p.add_argument("--out-csv", type=Path, required=True)
 

@@ -164,3 +164,17 @@ def inference_settings(config: dict[str, Any], arch: str) -> dict[str, Any]:
     settings = dict(config.get("inference", {}))
     settings.setdefault("patch_size", config["detectors"][arch]["patch_size"])
     return settings
+
+
+def postprocessing_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """Settings of the post-processing sweep (``inference.postprocessing``): the keys the config sets."""
+    return dict(config.get("postprocessing", {}) or {})
+
+
+def datasets_with_test_cases(config: dict[str, Any]) -> list[str]:
+    """The study's datasets that hold held-out test cases (``imagesTs``/``labelsTs``): today the synthetic ones
+    with ``num_test_cases`` > 0 (no converter writes test cases yet; one that does would be listed here)."""
+    return [
+        name for name in config["study"]["datasets"]
+        if int((config["datasets"][name].get("synthetic") or {}).get("num_test_cases", 0) or 0) > 0
+    ]

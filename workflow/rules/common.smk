@@ -15,6 +15,8 @@ from pretrain_det3d.catalog import REPORT_FIGURES, REPORT_TABLES
 from pretrain_det3d.config import (
     ConfigError,
     converted_datasets,
+    datasets_with_test_cases,
+    postprocessing_settings,
     synthetic_datasets,
     finetuning_settings,
     pretraining_datasets,
@@ -46,6 +48,7 @@ wildcard_constraints:
     init="[A-Za-z0-9_.-]+",
     method="[A-Za-z0-9_.-]+",
     fold=r"\d+",
+    part=r"fold\d+|test",
 
 
 def one_of(names):
@@ -120,6 +123,46 @@ def fold_metric_files():
     )
 
 
+def test_metric_files():
+    """Metrics of the fold ensembles on the held-out test cases, for the datasets that have test cases."""
+    return expand(
+        "results/metrics/{arch}/{init}/{dataset}/test.json",
+        arch=STUDY["detectors"],
+        init=STUDY["initialisations"],
+        dataset=datasets_with_test_cases(config),
+    )
+
+
+def sweep_folds(wildcards):
+    """The folds whose validation predictions choose the post-processing of ``part``: for fold k the study's
+    other folds (never fold k's own cases), for the test cases all of the study's folds."""
+    if wildcards.part == "test":
+        return list(STUDY["folds"])
+    fold = int(wildcards.part.removeprefix("fold"))
+    return [f for f in STUDY["folds"] if f != fold]
+
+
+def sweep_inputs(wildcards):
+    return expand(
+        "results/raw_predictions/{arch}/{init}/{dataset}/fold{fold}",
+        arch=wildcards.arch,
+        init=wildcards.init,
+        dataset=wildcards.dataset,
+        fold=sweep_folds(wildcards),
+    )
+
+
+def fold_models(wildcards):
+    """The models of all of the study's folds of one run (they predict the test cases together)."""
+    return expand(
+        "results/finetune/{arch}/{init}/{dataset}/fold{fold}/model_final.pth",
+        arch=wildcards.arch,
+        init=wildcards.init,
+        dataset=wildcards.dataset,
+        fold=STUDY["folds"],
+    )
+
+
 def luna16_exports():
     """LUNA16's own CSV format, for every dataset converted with the LUNA16 converter."""
     datasets = [d for d in STUDY["datasets"] if config["datasets"][d].get("converter") == "luna16"]
@@ -166,7 +209,7 @@ def report_outputs():
 
 
 def final_outputs():
-    return luna16_exports() + report_outputs() + [
+    return luna16_exports() + test_metric_files() + report_outputs() + [
         "results/tables/main_results.csv",
         "results/tables/main_results.md",
     ]

@@ -6,6 +6,7 @@ rule evaluate:
         predictions="results/predictions/{arch}/{init}/{dataset}/fold{fold}",
         splits=f"{DATA}/preprocessed/{{dataset}}/splits.json",
         converted=f"{DATA}/converted/{{dataset}}",
+        postprocessing="results/postprocessing/{arch}/{init}/{dataset}/fold{fold}.json",
     output:
         metrics="results/metrics/{arch}/{init}/{dataset}/fold{fold}.json",
         cases="results/metrics/{arch}/{init}/{dataset}/fold{fold}_cases.csv",
@@ -20,7 +21,7 @@ rule evaluate:
         **rule_resources("evaluate"),
     shell:
         "exec python -m pretrain_det3d.utils.attempt_log evaluate {log:q} python -m pretrain_det3d evaluate --predictions {input.predictions} --converted {input.converted} --splits {input.splits} "
-        "--fold {wildcards.fold} --out-json {output.metrics} --out-csv {output.cases}"
+        "--fold {wildcards.fold} --postprocessing {input.postprocessing} --out-json {output.metrics} --out-csv {output.cases}"
 
 
 rule export_luna16:

@@ -1,4 +1,5 @@
-# Fine-tuning stage: detector x initialisation x dataset x fold, then prediction on the fold's validation cases.
+# Fine-tuning stage: detector x initialisation x dataset x fold, then prediction on the fold's validation cases
+# (raw passes, consolidated in workflow/rules/postprocess.smk with parameters swept on the other folds).
 
 
 rule finetune:
@@ -37,7 +38,7 @@ rule predict:
         splits=f"{DATA}/preprocessed/{{dataset}}/splits.json",
         cases=f"{DATA}/preprocessed/{{dataset}}/cases",
     output:
-        directory("results/predictions/{arch}/{init}/{dataset}/fold{fold}"),
+        directory("results/raw_predictions/{arch}/{init}/{dataset}/fold{fold}"),
     params:
         preprocessed=lambda w, input: str(Path(input.splits).parent),
         settings=lambda w: as_json(inference_settings(config, w.arch)),
@@ -51,5 +52,5 @@ rule predict:
     resources:
         **rule_resources("predict"),
     shell:
-        "exec python -m pretrain_det3d.utils.attempt_log predict {log:q} python -m pretrain_det3d predict --model {input.model} --preprocessed {params.preprocessed} --fold {wildcards.fold} "
+        "exec python -m pretrain_det3d.utils.attempt_log predict {log:q} python -m pretrain_det3d predict-raw --model {input.model} --preprocessed {params.preprocessed} --fold {wildcards.fold} "
         "--settings {params.settings:q} --out-dir {output} --threads {threads}"

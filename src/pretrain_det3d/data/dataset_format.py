@@ -12,7 +12,7 @@ Example:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,8 @@ from pretrain_det3d.data.io import (
     IMAGES_DIR,
     LABELS_DIR,
     NIFTI_SUFFIX,
+    TEST_IMAGES_DIR,
+    TEST_LABELS_DIR,
     class_names_of,
     geometry_of,
     image_path,
@@ -59,6 +61,7 @@ class DatasetSummary:
         num_instances: case id -> number of instances.
         spacings: case id -> voxel spacing (z, y, x) in mm.
         shapes: case id -> array shape (z, y, x).
+        test_case_ids: sorted ids of the held-out test cases (``imagesTs``/``labelsTs``; none in most datasets).
     """
 
     name: str
@@ -68,6 +71,7 @@ class DatasetSummary:
     num_instances: dict[str, int]
     spacings: dict[str, tuple[float, float, float]]
     shapes: dict[str, tuple[int, int, int]]
+    test_case_ids: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -115,12 +119,12 @@ def _check_unexpected_files(root: Path, case_ids: list[str], num_channels: int) 
                 raise DatasetFormatError.for_file(path, f"label file has no images in {root / IMAGES_DIR}")
 
 
-def _check_case(root: Path, case: str, num_channels: int, num_classes: int) -> tuple[int, dict]:
-    """Check one case; returns its number of instances and its geometry."""
-    reference_path = image_path(root, case, 0)
+def _check_case(root: Path, case: str, num_channels: int, num_classes: int, test: bool = False) -> tuple[int, dict]:
+    """Check one case (a held-out test case with ``test``); returns its number of instances and its geometry."""
+    reference_path = image_path(root, case, 0, test)
     reference = None
     for channel in range(num_channels):
-        path = image_path(root, case, channel)
+        path = image_path(root, case, channel, test)
         # read_image loads the pixels too (not just the header), so truncated or corrupt data fails here.
         image = read_image(path)
         geometry = geometry_of(image)
@@ -128,14 +132,14 @@ def _check_case(root: Path, case: str, num_channels: int, num_classes: int) -> t
             reference = geometry
         else:
             _compare_geometry(reference, reference_path, geometry, path)
-    seg_path = label_path(root, case)
+    seg_path = label_path(root, case, test)
     seg_image = read_image(seg_path)
     _compare_geometry(reference, reference_path, geometry_of(seg_image), seg_path)
     instance_map = instance_array(seg_image, seg_path)
     ids = [int(i) for i in np.unique(instance_map) if i > 0]
     if ids != list(range(1, len(ids) + 1)):
         raise DatasetFormatError.for_file(seg_path, f"instance ids {ids} are not consecutive 1..{len(ids)}")
-    json_path = instances_json_path(root, case)
+    json_path = instances_json_path(root, case, test)
     instances = read_instances_json(json_path)
     if sorted(instances) != ids:
         raise DatasetFormatError.for_file(
@@ -157,7 +161,9 @@ def check_converted_dataset(root: str | os.PathLike) -> DatasetSummary:
     Checks: ``dataset.json`` keys and its modality/labels mappings; ``num_cases`` equals the cases found; every
     case has all channels, ``labelsTr/{case}.nii.gz`` and ``labelsTr/{case}.json``; every image readable and 3D;
     channels and label share size, spacing, origin and direction; instance ids are consecutive 1..N and equal the
-    JSON keys; class indices lie within ``dataset.json``'s labels.
+    JSON keys; class indices lie within ``dataset.json``'s labels. Held-out test cases (``imagesTs`` with
+    ``labelsTs``, nnDetection's layout), where present, pass the same checks and must not share an id with a
+    training case.
 
     Example:
         >>> check_converted_dataset("results/data/converted/synthetic").num_classes  # doctest: +SKIP
@@ -181,6 +187,16 @@ def check_converted_dataset(root: str | os.PathLike) -> DatasetSummary:
         num_instances[case], geometry = _check_case(root, case, len(modalities), len(class_names))
         spacings[case] = geometry["spacing"]
         shapes[case] = geometry["size"]
+    test_case_ids = []
+    if (root / TEST_IMAGES_DIR).is_dir():
+        test_case_ids = list_case_ids(root, test=True)
+        shared = sorted(set(test_case_ids) & set(case_ids))
+        if shared:
+            raise DatasetFormatError.for_file(root / TEST_IMAGES_DIR, f"test cases {shared} are also training cases")
+        if not (root / TEST_LABELS_DIR).is_dir():
+            raise DatasetFormatError.for_file(root / TEST_LABELS_DIR, "folder is missing (test cases need labels)")
+        for case in tqdm(test_case_ids, desc=f"check {dataset['name']} test cases", unit="case"):
+            _check_case(root, case, len(modalities), len(class_names), test=True)
     return DatasetSummary(
         name=dataset["name"],
         case_ids=case_ids,
@@ -189,4 +205,5 @@ def check_converted_dataset(root: str | os.PathLike) -> DatasetSummary:
         num_instances=num_instances,
         spacings=spacings,
         shapes=shapes,
+        test_case_ids=test_case_ids,
     )

@@ -36,6 +36,10 @@ from pretrain_det3d.utils.atomic import atomic_path, write_json
 DATASET_JSON = "dataset.json"
 IMAGES_DIR = "imagesTr"
 LABELS_DIR = "labelsTr"
+#: held-out test cases (nnDetection's ``imagesTs``/``labelsTs``): same file layout as the training cases; only a
+#: fold ensemble predicts them (``inference.postprocessing``), nothing trains, plans or sweeps on them
+TEST_IMAGES_DIR = "imagesTs"
+TEST_LABELS_DIR = "labelsTs"
 NIFTI_SUFFIX = ".nii.gz"
 REQUIRED_DATASET_KEYS = ("name", "modality", "labels", "licence", "source", "num_cases")
 # Channel files are "{case}_{channel:04d}.nii.gz"; the case id is everything before the last "_dddd".
@@ -69,19 +73,19 @@ class ConvertedCase:
     paths: dict[str, str] = field(default_factory=dict)
 
 
-def image_path(root: str | os.PathLike, case: str, channel: int) -> Path:
-    """Path of one channel of a case: ``imagesTr/{case}_{channel:04d}.nii.gz``."""
-    return Path(root) / IMAGES_DIR / f"{case}_{channel:04d}{NIFTI_SUFFIX}"
+def image_path(root: str | os.PathLike, case: str, channel: int, test: bool = False) -> Path:
+    """Path of one channel of a case: ``imagesTr/{case}_{channel:04d}.nii.gz`` (``imagesTs`` for a test case)."""
+    return Path(root) / (TEST_IMAGES_DIR if test else IMAGES_DIR) / f"{case}_{channel:04d}{NIFTI_SUFFIX}"
 
 
-def label_path(root: str | os.PathLike, case: str) -> Path:
-    """Path of a case's instance map: ``labelsTr/{case}.nii.gz``."""
-    return Path(root) / LABELS_DIR / f"{case}{NIFTI_SUFFIX}"
+def label_path(root: str | os.PathLike, case: str, test: bool = False) -> Path:
+    """Path of a case's instance map: ``labelsTr/{case}.nii.gz`` (``labelsTs`` for a test case)."""
+    return Path(root) / (TEST_LABELS_DIR if test else LABELS_DIR) / f"{case}{NIFTI_SUFFIX}"
 
 
-def instances_json_path(root: str | os.PathLike, case: str) -> Path:
-    """Path of a case's instance -> class file: ``labelsTr/{case}.json``."""
-    return Path(root) / LABELS_DIR / f"{case}.json"
+def instances_json_path(root: str | os.PathLike, case: str, test: bool = False) -> Path:
+    """Path of a case's instance -> class file: ``labelsTr/{case}.json`` (``labelsTs`` for a test case)."""
+    return Path(root) / (TEST_LABELS_DIR if test else LABELS_DIR) / f"{case}.json"
 
 
 def _read_json(path: Path) -> Any:
@@ -140,9 +144,9 @@ def class_names_of(dataset: Mapping[str, Any]) -> list[str]:
     return [dataset["labels"][str(index)] for index in range(len(dataset["labels"]))]
 
 
-def list_case_ids(root: str | os.PathLike) -> list[str]:
-    """Sorted case ids that have at least one channel file in ``imagesTr``."""
-    images = Path(root) / IMAGES_DIR
+def list_case_ids(root: str | os.PathLike, test: bool = False) -> list[str]:
+    """Sorted case ids that have at least one channel file in ``imagesTr`` (``imagesTs`` with ``test``)."""
+    images = Path(root) / (TEST_IMAGES_DIR if test else IMAGES_DIR)
     if not images.is_dir():
         raise DatasetFormatError.for_file(images, "folder is missing")
     cases = {m["case"] for p in images.iterdir() if (m := CHANNEL_FILE_PATTERN.match(p.name))}
@@ -503,8 +507,9 @@ def instance_array(image: sitk.Image, path: str | os.PathLike) -> np.ndarray:
     return array.astype(np.int32)
 
 
-def read_case(root: str | os.PathLike, case: str) -> ConvertedCase:
-    """Read all channels, the instance map and the instance classes of one converted case.
+def read_case(root: str | os.PathLike, case: str, test: bool = False) -> ConvertedCase:
+    """Read all channels, the instance map and the instance classes of one converted case (a held-out test
+    case from ``imagesTs``/``labelsTs`` with ``test``).
 
     Cross-file consistency (geometry, ids, classes) is the job of
     :func:`pretrain_det3d.data.dataset_format.check_converted_dataset`; this only refuses what it cannot stack.
@@ -518,7 +523,7 @@ def read_case(root: str | os.PathLike, case: str) -> ConvertedCase:
     num_channels = len(read_dataset_json(root)["modality"])
     channels, paths = [], {}
     for channel in range(num_channels):
-        path = image_path(root, case, channel)
+        path = image_path(root, case, channel, test)
         image = read_image(path)
         array = sitk.GetArrayFromImage(image).astype(np.float32)
         if channels and array.shape != channels[0].shape:
@@ -529,13 +534,13 @@ def read_case(root: str | os.PathLike, case: str) -> ConvertedCase:
             reference = image
         channels.append(array)
         paths[f"image_{channel:04d}"] = str(path)
-    seg_path = label_path(root, case)
+    seg_path = label_path(root, case, test)
     instance_map = instance_array(read_image(seg_path), seg_path)
     if instance_map.shape != channels[0].shape:
         raise DatasetFormatError.for_file(
             seg_path, f"shape {instance_map.shape} differs from image shape {channels[0].shape}"
         )
-    json_path = instances_json_path(root, case)
+    json_path = instances_json_path(root, case, test)
     instances = read_instances_json(json_path)
     paths.update(label=str(seg_path), instances=str(json_path))
     geometry = geometry_of(reference)
@@ -586,8 +591,10 @@ def write_case(
     spacing: Sequence[float],
     origin: Sequence[float] = (0.0, 0.0, 0.0),
     direction: Sequence[float] | None = None,
+    test: bool = False,
 ) -> None:
-    """Write one case in the converted format; ``image`` is ``[C, Z, Y, X]`` (its dtype is kept on disk).
+    """Write one case in the converted format; ``image`` is ``[C, Z, Y, X]`` (its dtype is kept on disk); a
+    held-out test case (``test``) goes to ``imagesTs``/``labelsTs``.
 
     Example:
         >>> write_case(root, "a_0000", np.zeros((1, 8, 8, 8), np.int16), np.zeros((8, 8, 8), np.int16),
@@ -596,10 +603,10 @@ def write_case(
     if image.ndim != 4 or image.shape[1:] != instance_map.shape:
         raise ValueError(f"image must be [C,Z,Y,X] matching the instance map {instance_map.shape}, got {image.shape}")
     for channel in range(image.shape[0]):
-        write_nifti(image_path(root, case, channel), image[channel], spacing, origin, direction)
-    write_nifti(label_path(root, case), instance_map, spacing, origin, direction)
+        write_nifti(image_path(root, case, channel, test), image[channel], spacing, origin, direction)
+    write_nifti(label_path(root, case, test), instance_map, spacing, origin, direction)
     write_json(
-        instances_json_path(root, case),
+        instances_json_path(root, case, test),
         {"instances": {str(int(k)): int(v) for k, v in sorted(instances.items())}},
     )
 

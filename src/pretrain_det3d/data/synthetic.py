@@ -13,8 +13,8 @@ Lesions that do not fit are shrunk (never below the smallest requested diameter)
 ``lesions_per_case`` asks for; 48^3 and larger hold the requested number.
 
 Every case draws from its own seed stream ``SeedSequence(seed, spawn_key=(stream, case_index))``, so a case
-does not depend on how many cases are written, and the corpus (stream 1) never repeats a labelled case
-(stream 0).
+does not depend on how many cases are written, and the corpus (stream 1) and the held-out test cases (stream 2)
+never repeat a labelled case (stream 0).
 
 Example:
     >>> settings = {"num_cases": 24, "shape": [64, 64, 64], "spacing": [2.0, 1.0, 1.0], "num_classes": 2}
@@ -41,10 +41,12 @@ DEFAULT_LESIONS_PER_CASE = SyntheticLesionsSettings.default("lesions_per_case")
 DEFAULT_LESION_DIAMETER = SyntheticLesionsSettings.default("lesion_diameter")
 DEFAULT_NUM_CLASSES = SyntheticLesionsSettings.default("num_classes")
 DEFAULT_SPACING_JITTER = SyntheticLesionsSettings.default("spacing_jitter")
+DEFAULT_NUM_TEST_CASES = SyntheticLesionsSettings.default("num_test_cases")
 
 # ---- seed streams ----------------------------------------------------------------------------------------
 LABELLED_STREAM = 0
 CORPUS_STREAM = 1
+TEST_STREAM = 2  # held-out test cases: adding them changes no training case
 
 # ---- anatomy (Hounsfield units) --------------------------------------------------------------------------
 AIR_HU = -1000.0
@@ -120,6 +122,9 @@ def _validated(settings: Mapping[str, Any], labelled: bool, need_num_cases: bool
     num_classes = int(settings.get("num_classes", DEFAULT_NUM_CLASSES))
     if labelled and num_classes not in CLASS_NAMES:
         raise ValueError(f"synthetic settings key 'num_classes' must be 1 or 2, got {num_classes}")
+    num_test_cases = int(settings.get("num_test_cases", DEFAULT_NUM_TEST_CASES))
+    if num_test_cases < 0:
+        raise ValueError(f"synthetic settings key 'num_test_cases' must be >= 0, got {num_test_cases}")
     jitter = float(settings.get("spacing_jitter", DEFAULT_SPACING_JITTER))
     if not 0.0 <= jitter < 1.0:
         raise ValueError(f"synthetic settings key 'spacing_jitter' must be in [0, 1), got {jitter}")
@@ -131,6 +136,7 @@ def _validated(settings: Mapping[str, Any], labelled: bool, need_num_cases: bool
         "lesions_per_case": _setting_pair(settings, "lesions_per_case", DEFAULT_LESIONS_PER_CASE, 0),
         "lesion_diameter": _setting_pair(settings, "lesion_diameter", DEFAULT_LESION_DIAMETER, 2),
         "spacing_jitter": jitter,
+        "num_test_cases": num_test_cases,
     }
 
 
@@ -294,7 +300,9 @@ def write_synthetic_dataset(root: str | os.PathLike, name: str, settings: Mappin
 
     Settings: ``num_cases``, ``shape`` [z, y, x], ``spacing`` [z, y, x] mm, ``num_classes`` (1 or 2, default 1),
     ``lesions_per_case`` [min, max] (default [0, 4]), ``lesion_diameter`` [min, max] voxels (default [3, 20]),
-    optional ``spacing_jitter`` (relative, default 0). Case ids are ``f"{name}_{i:04d}"``.
+    optional ``spacing_jitter`` (relative, default 0), ``num_test_cases`` (default 0: held-out test cases in
+    ``imagesTs``/``labelsTs``, ids ``f"{name}_test_{i:04d}"``, drawn from their own seed stream so that they change
+    no training case). Case ids are ``f"{name}_{i:04d}"``.
 
     Example:
         >>> settings = {"num_cases": 4, "shape": [32, 32, 32], "spacing": [2, 1, 1]}
@@ -313,6 +321,10 @@ def write_synthetic_dataset(root: str | os.PathLike, name: str, settings: Mappin
                 spacing=phantom.spacing,
                 origin=phantom.origin,
             )
+        for index in tqdm(range(checked["num_test_cases"]), desc=f"synthetic {name} test cases", unit="case"):
+            phantom = make_phantom(checked, _case_rng(seed, TEST_STREAM, index))
+            write_case(tmp, f"{name}_test_{index:04d}", phantom.image[None], phantom.instance_map, phantom.instances,
+                       spacing=phantom.spacing, origin=phantom.origin, test=True)
         write_dataset_json(
             tmp,
             name=name,
@@ -321,6 +333,7 @@ def write_synthetic_dataset(root: str | os.PathLike, name: str, settings: Mappin
             licence=LICENCE,
             source=f"pretrain_det3d.data.synthetic.write_synthetic_dataset(seed={seed})",
             num_cases=checked["num_cases"],
+            **({"num_test_cases": checked["num_test_cases"]} if checked["num_test_cases"] else {}),
         )
 
 

@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from pretrain_det3d.data.boxes import boxes_from_instance_map
 from pretrain_det3d.data.errors import DatasetFormatError
-from pretrain_det3d.data.io import read_image
+from pretrain_det3d.data.io import instances_json_path, read_image
+from pretrain_det3d.data.io import label_path as converted_label_path
 from pretrain_det3d.evaluation.froc import FP_PER_SCAN, FROC_IOU_THRESHOLDS, compute_froc_metrics
 from pretrain_det3d.evaluation.matching import DEFAULT_MAX_DETECTIONS, BatchMatches, match_cases
 from pretrain_det3d.evaluation.metrics import (
@@ -74,16 +75,17 @@ def read_class_ids(converted_root: str | os.PathLike) -> list[int]:
         raise EvaluationInputError(f"{path}: expected 'labels' with integer class keys ({error!r})") from error
 
 
-def load_ground_truth(converted_root: str | os.PathLike, case: str) -> CaseBoxes:
-    """Boxes and classes of one converted case, from ``labelsTr/{case}.nii.gz`` and ``labelsTr/{case}.json``.
+def load_ground_truth(converted_root: str | os.PathLike, case: str, test: bool = False) -> CaseBoxes:
+    """Boxes and classes of one converted case, from ``labelsTr/{case}.nii.gz`` and ``labelsTr/{case}.json``
+    (``labelsTs`` for a held-out test case, ``test``).
 
     Example:
         >>> gt = load_ground_truth("results/data/converted/demo", "case_000")  # doctest: +SKIP
         >>> gt.boxes.shape, gt.labels  # doctest: +SKIP
         ((2, 6), array([0, 0]))
     """
-    label_path = Path(converted_root) / "labelsTr" / f"{case}.nii.gz"
-    meta_path = Path(converted_root) / "labelsTr" / f"{case}.json"
+    label_path = converted_label_path(converted_root, case, test)
+    meta_path = instances_json_path(converted_root, case, test)
     for path in (label_path, meta_path):
         if not path.is_file():
             raise EvaluationInputError(f"{path}: ground-truth file of case {case!r} not found")
@@ -226,10 +228,14 @@ def run_evaluation(
     case_ids: Sequence[str],
     out_json: str | os.PathLike,
     out_csv: str | os.PathLike,
+    test: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``{predictions_dir}/{case}.json`` for ``case_ids``; write the metrics JSON and per-case CSV.
 
     Both files are written atomically; a missing or malformed file stops the run with an error naming it.
+    ``test``: the cases are held-out test cases (ground truth in ``labelsTs``). ``extra`` entries are added to
+    the metrics JSON (e.g. the post-processing the predictions used).
 
     Example:
         >>> run_evaluation("results/predictions/retina_unet/scratch/demo/fold0", "results/data/converted/demo",
@@ -239,9 +245,10 @@ def run_evaluation(
     class_ids = read_class_ids(converted_root)
     ground_truth, predictions = [], []
     for case in tqdm(case_ids, desc="evaluation: reading cases", unit="case"):
-        ground_truth.append(load_ground_truth(converted_root, case))
+        ground_truth.append(load_ground_truth(converted_root, case, test))
         predictions.append(load_prediction(predictions_dir, case))
     metrics, table = evaluate_cases(case_ids, ground_truth, predictions, class_ids)
+    metrics.update(extra or {})
     write_json(out_json, metrics)
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False)

@@ -29,6 +29,8 @@ class SyntheticLesionsSettings(Settings):
     lesions_per_case: tuple[int, int] = Field((0, 4), description="[min, max] lesions per phantom.")
     lesion_diameter: tuple[float, float] = Field((3, 20), description="[min, max] lesion diameter in voxels.")
     spacing_jitter: float = Field(0.0, ge=0, lt=1, description="Relative per-case spacing jitter.")
+    num_test_cases: int = Field(0, ge=0, description="Held-out test phantoms (imagesTs/labelsTs, their own seed "
+                                "stream): predicted by the ensemble of a run's folds and scored as their own target.")
 
     @model_validator(mode="after")
     def _check(self) -> "SyntheticLesionsSettings":

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Mapping
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pretrain_det3d.settings.base import ConfigError, Settings, suggestion
 from pretrain_det3d.settings.converters import converter_settings_class
@@ -33,7 +33,8 @@ from pretrain_det3d.settings.pretraining import method_settings_class
 RESOURCE_RULES: tuple[str, ...] = (
     "default", "synthesize_dataset", "download_source", "convert_dataset", "check_dataset", "preprocess_dataset",
     "synthesize_corpus", "preprocess_corpus", "pretrain", "fetch_published_checkpoint", "finetune", "predict",
-    "evaluate", "export_luna16", "aggregate", "figure", "table",
+    "evaluate", "export_luna16", "aggregate", "figure", "table", "sweep", "consolidate", "preprocess_test_cases",
+    "predict_test", "evaluate_test",
 )
 
 
@@ -73,6 +74,43 @@ class InferenceSettings(Settings):
     device: str = Field("cpu", description="'cpu', 'cuda[:i]' or 'auto'.")
     patch_size: tuple[int, int, int] | None = Field(None, description="Tile size; default: the detector's "
                                                     "training patch size.")
+
+
+#: nnDetection's sweep grid (``BoxEnsemblerSelective.sweep_parameters``): IoU thresholds linspace(0, 0.5, 6) with
+#: the 0 replaced by 1e-5, per-model NMS plain then weighted, model score thresholds 0..0.6, minimum sizes
+#: 0.01 and 2..7
+SWEEP_IOU_VALUES = (1e-5, 0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+class PostprocessingSettings(Settings):
+    """Choice of the consolidation parameters per run and fold by nnDetection's sweep (``inference.postprocessing``):
+    one parameter after the other (nms_iou, weighted_nms, wbc_iou, score_threshold, min_box_size), each set to
+    the value scoring best on ``target_metric``, on other folds' validation predictions of the same run."""
+
+    sweep: bool = Field(True, description="Sweep the parameters per run and fold; off: the inference settings as "
+                        "configured.")
+    target_metric: str = Field("mAP_IoU_0.10_0.50_0.05_MaxDet_100", description="Metric the sweep maximises "
+                               "(a key of the metrics JSON).")
+    nms_iou: list[float] = Field(list(SWEEP_IOU_VALUES), min_length=1, description="Values tried for "
+                                 "inference.nms_iou.")
+    weighted_nms: list[bool] = Field([False, True], min_length=1, description="Values tried for "
+                                     "inference.weighted_nms.")
+    wbc_iou: list[float] = Field(list(SWEEP_IOU_VALUES), min_length=1, description="Values tried for "
+                                 "inference.wbc_iou.")
+    score_threshold: list[float] = Field([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6], min_length=1,
+                                         description="Values tried for inference.score_threshold.")
+    min_box_size: list[float] = Field([0.01, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], min_length=1,
+                                      description="Values tried for inference.min_box_size (voxels).")
+
+    @model_validator(mode="after")
+    def _check_values(self) -> "PostprocessingSettings":
+        ranges = {"nms_iou": (0.0, 1.0, False), "wbc_iou": (0.0, 1.0, False), "score_threshold": (0.0, 1.0, True),
+                  "min_box_size": (0.0, float("inf"), True)}
+        for key, (low, high, closed) in ranges.items():
+            bad = [v for v in getattr(self, key) if not ((v >= low) if closed else (v > low)) or v > high]
+            if bad:
+                raise ValueError(f"{key}: values {bad} outside {'[' if closed else '('}{low}, {high}]")
+        return self
 
 
 class StatisticsSettings(Settings):
@@ -131,6 +169,8 @@ class StudyConfig(Settings):
     detectors: dict[str, dict[str, Any]] = Field(description="Detector entry name -> fine-tuning settings "
                                                  "(see the detector sections below).")
     inference: InferenceSettings = Field(default_factory=InferenceSettings, description="Prediction settings.")
+    postprocessing: PostprocessingSettings = Field(default_factory=PostprocessingSettings,
+                                                   description="Sweep of the consolidation parameters.")
     statistics: StatisticsSettings = Field(default_factory=StatisticsSettings, description="Report statistics.")
     resources: dict[str, ResourceSettings] = Field(default_factory=dict, description="Rule name (or 'default') -> "
                                                    "threads, mem_mb, runtime.")
