@@ -3,6 +3,7 @@ sweep on hand-built case sets, the sweep record, held-out test cases written, ch
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -15,11 +16,12 @@ from pretrain_det3d.data.io import list_case_ids, read_case, write_case, write_d
 from pretrain_det3d.data.preprocessing import run_preprocessing
 from pretrain_det3d.data.synthetic import write_synthetic_dataset
 from pretrain_det3d.evaluation.run import CaseBoxes, evaluate_cases, load_ground_truth
-from pretrain_det3d.inference.consolidation import CONSOLIDATION_KEYS
+from pretrain_det3d.inference.consolidation import CONSOLIDATION_KEYS, consolidate_source
 from pretrain_det3d.inference.postprocessing import (
     SWEEP_ORDER,
     RawCase,
     RawPredictionError,
+    _SourceStep,
     consolidate_raw,
     consolidation_parameters,
     load_raw_case,
@@ -77,6 +79,28 @@ def test_consolidation_of_saved_raw_passes_equals_predict_case_exactly(tmp_path,
     for key in ("boxes", "scores", "labels"):
         assert again[key].dtype == direct[key].dtype
         np.testing.assert_array_equal(again[key], direct[key])
+
+
+def test_the_sweeps_cached_source_step_equals_consolidate_source_exactly() -> None:
+    rng = np.random.default_rng(7)
+    n = 300
+    lows = rng.uniform(-4, 40, size=(n, 3))
+    boxes = np.concatenate([lows, lows + rng.uniform(0.001, 9, size=(n, 3))], axis=1)
+    scores = np.round(rng.uniform(0, 1, n), 2)  # ties in the scores, so the stable orders matter
+    labels, weights = rng.integers(0, 3, n), rng.uniform(0.5, 1, n)
+    shape = (40, 36, 32)
+    for candidates in (1000, 120):
+        step = _SourceStep((boxes, scores, labels, weights), shape, candidates)
+        for score_threshold, min_size, nms_iou, weighted in itertools.product((0.0, 0.3), (0.01, 3.0),
+                                                                              (1e-5, 0.1, 0.5), (False, True)):
+            expected = consolidate_source(boxes, scores, labels, weights, shape, candidates=candidates,
+                                          score_threshold=score_threshold, min_size=min_size, nms_iou=nms_iou,
+                                          weighted_nms=weighted)
+            got = step(score_threshold, min_size, nms_iou, weighted)
+            assert len(expected[0]) > 0
+            for a, b in zip(got, expected):
+                assert a.dtype == b.dtype
+                np.testing.assert_array_equal(a, b)
 
 
 def test_raw_passes_refuse_more_candidates_than_kept_and_damaged_files(tmp_path) -> None:

@@ -44,11 +44,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from pretrain_det3d.data.boxes import pairwise_box_iou
 from pretrain_det3d.inference.consolidation import (
     CONSOLIDATION_KEYS,
-    consolidate_source,
+    _greedy_nms,
     consolidate_sources,
     fuse_sources,
+    large_enough,
 )
 from pretrain_det3d.settings.study import InferenceSettings, PostprocessingSettings
 from pretrain_det3d.utils.atomic import atomic_directory, atomic_path, write_json
@@ -263,27 +265,72 @@ def _source_key(params: Mapping[str, Any]) -> tuple:
                                                  "weighted_nms"))
 
 
+class _SourceStep:
+    """``consolidation.consolidate_source`` for one source and many parameter sets: the candidate cut, the
+    clipping and the IoU matrices of the clipped candidates (per class) do not depend on the swept parameters,
+    so they are computed once; each call then only selects, ranks and suppresses. Gives exactly
+    ``consolidate_source``'s result (tests/test_inference_postprocessing.py compares them)."""
+
+    def __init__(self, source: Source, image_shape: Sequence[int], candidates: int) -> None:
+        boxes, scores, labels, weights = source
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        index = np.argsort(-scores, kind="stable")[:candidates]  # consolidate_source's first cut
+        clipped = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)[index].copy()
+        upper = np.asarray(image_shape, dtype=np.float64)
+        clipped[:, :3] = np.clip(clipped[:, :3], 0.0, upper)
+        clipped[:, 3:] = np.clip(clipped[:, 3:], 0.0, upper)
+        self.candidates = int(candidates)
+        self.boxes, self.scores = clipped, scores[index]
+        self.labels = np.asarray(labels).reshape(-1)[index]
+        self.weights = np.asarray(weights, dtype=np.float64).reshape(-1)[index]
+        self.members = {label: np.flatnonzero(self.labels == label) for label in np.unique(self.labels)}
+        self.iou = {label: pairwise_box_iou(clipped[m], clipped[m]) for label, m in self.members.items()}
+
+    def __call__(self, score_threshold: float, min_size: float, nms_iou: float, weighted_nms: bool
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        alive = np.flatnonzero((self.scores > score_threshold) & large_enough(self.boxes, min_size))
+        labels = self.labels[alive]
+        rank = self.scores[alive] * self.weights[alive] if weighted_nms else self.scores[alive]
+        keep: list[int] = []
+        for label in np.unique(labels):
+            members = np.flatnonzero(labels == label)
+            within = np.searchsorted(self.members[label], alive[members])  # rows of this class's IoU matrix
+            iou = self.iou[label][np.ix_(within, within)]
+            order = np.argsort(-rank[members], kind="stable")
+            keep.extend(members[_greedy_nms(iou, order, nms_iou)].tolist())
+        kept = np.asarray(keep, dtype=np.int64)
+        kept = kept[np.argsort(-rank[kept], kind="stable")][: self.candidates]
+        chosen = alive[kept]
+        return self.boxes[chosen], self.scores[chosen], self.labels[chosen]
+
+
 class _Consolidator:
-    """Consolidates a case set for one parameter set after another, reusing the per-source step while only the
-    fusion's parameters change (the sweep of ``wbc_iou``); the same two functions as ``consolidate_sources``."""
+    """Consolidates a case set for one parameter set after another: the per-source step with what does not
+    depend on the swept parameters computed once (:class:`_SourceStep`), and reused as a whole while only the
+    fusion's parameters change (the sweep of ``wbc_iou``); the fusion is ``consolidation.fuse_sources``."""
 
     def __init__(self, cases: Sequence[RawCase]) -> None:
         self.cases = list(cases)
         self._key: tuple | None = None
         self._per_source: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
+        self._steps: dict[int, list[list[_SourceStep]]] = {}
+
+    def _source_steps(self, candidates: int) -> list[list[_SourceStep]]:
+        if candidates not in self._steps:
+            self._steps = {candidates: [[_SourceStep(source, raw.image_shape, candidates) for source in raw.sources]
+                                        for raw in self.cases]}
+        return self._steps[candidates]
 
     def __call__(self, params: Mapping[str, Any]) -> list[dict[str, np.ndarray]]:
         key = _source_key(params)
         if key != self._key:
             for raw in self.cases:
                 _check_candidates(raw, params)
+            steps = self._source_steps(int(params["candidates"]))
             self._per_source = [
-                [consolidate_source(b, s, lab, w, raw.image_shape, candidates=int(params["candidates"]),
-                                    score_threshold=float(params["score_threshold"]),
-                                    min_size=float(params["min_box_size"]), nms_iou=float(params["nms_iou"]),
-                                    weighted_nms=bool(params["weighted_nms"]))
-                 for b, s, lab, w in raw.sources]
-                for raw in self.cases
+                [step(float(params["score_threshold"]), float(params["min_box_size"]), float(params["nms_iou"]),
+                      bool(params["weighted_nms"])) for step in case_steps]
+                for case_steps in steps
             ]
             self._key = key
         results = []
