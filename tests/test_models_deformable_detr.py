@@ -79,7 +79,8 @@ def test_registered_and_default_knobs_are_the_releases() -> None:
 
 def test_training_defaults_are_adamw_and_the_trainer_reads_them() -> None:
     assert TRAINING_DEFAULTS == {"optimizer": "adamw", "lr": 3e-4, "weight_decay": 1e-4, "adam_eps": 1e-4,
-                                 "amsgrad": True, "warmup_iterations": 10000, "amp_dtype": "float16"}
+                                 "amsgrad": True, "warmup_iterations": 10000, "amp_dtype": "float16",
+                                 "grad_clip": None}
     assert DeformableDETR.training_defaults is TRAINING_DEFAULTS
     settings = TrainingSettings.from_settings({"iterations": 20000}, **DeformableDETR.training_defaults)
     optimizer = build_optimizer(torch.nn.Linear(2, 2).parameters(), vars(settings))
