@@ -60,7 +60,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from pretrain_det3d.data.preprocessing import PLAN_FILE, map_boxes_to_original, normalise, resample_image, resampled_shape
-from pretrain_det3d.inference.predict import MIRROR_AXES, world_centres
+from pretrain_det3d.inference.predict import world_centres
 from pretrain_det3d.settings.study import InferenceSettings
 from pretrain_det3d.utils.atomic import atomic_path, write_json
 
@@ -443,27 +443,11 @@ def preprocess_scan(image: np.ndarray, spacing_zyx: Sequence[float], plan: Mappi
 # ---- prediction and outputs --------------------------------------------------------------------------------
 def predict_preprocessed(run: DetectionRun, image: np.ndarray) -> dict[str, np.ndarray]:
     """All folds of ``run`` on one preprocessed image (boxes in its voxels), fused by ``predict_case``."""
-    from pretrain_det3d.inference.sliding_window import predict_case
+    from pretrain_det3d.inference.sliding_window import predict_case_with_settings
     from pretrain_det3d.training.trainer import resolve_device
 
     options = run.settings
-    return predict_case(
-        run.detectors,
-        image,
-        patch_size=options["patch_size"],
-        overlap=float(options["overlap"]),
-        mirror_axes=MIRROR_AXES if options["mirror"] else (),
-        batch_size=int(options["batch_size"]),
-        device=resolve_device(str(options["device"])),
-        max_detections=int(options["max_detections"]),
-        nms_iou=float(options["nms_iou"]),
-        score_threshold=float(options["score_threshold"]),
-        min_box_size=float(options["min_box_size"]),
-        weighted_nms=bool(options["weighted_nms"]),
-        candidates=int(options["candidates"]),
-        wbc_iou=float(options["wbc_iou"]),
-        wbc_score_threshold=float(options["wbc_score_threshold"]),
-    )
+    return predict_case_with_settings(run.detectors, image, options, device=resolve_device(str(options["device"])))
 
 
 def world_points(points_zyx: np.ndarray, geometry: Mapping[str, Any]) -> np.ndarray:

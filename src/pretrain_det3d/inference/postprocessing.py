@@ -209,7 +209,7 @@ def run_raw_prediction(
     """Predict ``case_ids`` (``{cases_dir}/{case}.npy`` + ``.json``, preprocessed) with the models together and
     write ``{out_dir}/{case}.npz`` (:func:`save_raw_case`); the folder is replaced atomically when all are done."""
     from pretrain_det3d.data.io import load_npy
-    from pretrain_det3d.inference.predict import MIRROR_AXES
+    from pretrain_det3d.inference.sliding_window import MIRROR_AXES
     from pretrain_det3d.inference.sliding_window import predict_sources
     from pretrain_det3d.models.registry import load_detector
 

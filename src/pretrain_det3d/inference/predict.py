@@ -29,12 +29,11 @@ from tqdm import tqdm
 from pretrain_det3d.data.boxes import box_centre_indices
 from pretrain_det3d.data.io import load_npy
 from pretrain_det3d.data.preprocessing import map_boxes_to_original
-from pretrain_det3d.inference.sliding_window import predict_case
+from pretrain_det3d.inference.sliding_window import predict_case_with_settings
 from pretrain_det3d.models.registry import load_detector
 from pretrain_det3d.settings.study import InferenceSettings
 from pretrain_det3d.utils.atomic import write_json
 
-MIRROR_AXES = (0, 1, 2)  # all spatial axes when ``mirror`` is on
 CASES_DIR = "cases"
 
 
@@ -86,23 +85,7 @@ def run_prediction(
                 raise FileNotFoundError(f"{path}: preprocessed case file not found")
         image = load_npy(image_path, mmap_mode="r")  # a truncated case is named, with how to regenerate it
         meta = json.loads(meta_path.read_text())
-        result = predict_case(
-            detector,
-            image,
-            patch_size=options["patch_size"],
-            overlap=float(options["overlap"]),
-            mirror_axes=MIRROR_AXES if options["mirror"] else (),
-            batch_size=int(options["batch_size"]),
-            device=options["device"],
-            max_detections=int(options["max_detections"]),
-            nms_iou=float(options["nms_iou"]),
-            score_threshold=float(options["score_threshold"]),
-            min_box_size=float(options["min_box_size"]),
-            weighted_nms=bool(options["weighted_nms"]),
-            candidates=int(options["candidates"]),
-            wbc_iou=float(options["wbc_iou"]),
-            wbc_score_threshold=float(options["wbc_score_threshold"]),
-        )
+        result = predict_case_with_settings(detector, image, options)
         boxes = map_boxes_to_original(result["boxes"], meta)
         write_json(
             out_dir / f"{case}.json",

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +44,8 @@ from pretrain_det3d.inference.consolidation import (
 from pretrain_det3d.settings.study import InferenceSettings
 
 # defaults from the one definition of the inference settings (their sources: docs/settings.md)
+#: the mirrored axes when ``inference.mirror`` is on: all spatial axes (nnDetection's 8-fold mirroring)
+MIRROR_AXES = (0, 1, 2)
 DEFAULT_OVERLAP = InferenceSettings.default("overlap")
 DEFAULT_MAX_DETECTIONS = InferenceSettings.default("max_detections")
 DEFAULT_NMS_IOU = InferenceSettings.default("nms_iou")
@@ -159,6 +161,33 @@ def predict_case(
         sources, list(image.shape[1:]), candidates=candidates, score_threshold=score_threshold,
         min_box_size=min_box_size, nms_iou=nms_iou, weighted_nms=weighted_nms, wbc_iou=wbc_iou,
         wbc_score_threshold=wbc_score_threshold, max_detections=max_detections,
+    )
+
+
+def predict_case_with_settings(
+    detector: nn.Module | Sequence[nn.Module],
+    image: np.ndarray,
+    options: Mapping[str, Any],
+    device: str | torch.device | None = None,
+) -> dict[str, np.ndarray]:
+    """:func:`predict_case` with the keys of an ``InferenceSettings`` dump (``patch_size`` set; ``mirror`` true
+    means every spatial axis); ``device`` overrides ``options["device"]``."""
+    return predict_case(
+        detector,
+        image,
+        patch_size=options["patch_size"],
+        overlap=float(options["overlap"]),
+        mirror_axes=MIRROR_AXES if options["mirror"] else (),
+        batch_size=int(options["batch_size"]),
+        device=options["device"] if device is None else device,
+        max_detections=int(options["max_detections"]),
+        nms_iou=float(options["nms_iou"]),
+        score_threshold=float(options["score_threshold"]),
+        min_box_size=float(options["min_box_size"]),
+        weighted_nms=bool(options["weighted_nms"]),
+        candidates=int(options["candidates"]),
+        wbc_iou=float(options["wbc_iou"]),
+        wbc_score_threshold=float(options["wbc_score_threshold"]),
     )
 
 
