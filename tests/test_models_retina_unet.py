@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from pretrain_det3d.evaluation import evaluate_cases
-from pretrain_det3d.evaluation.run import CaseBoxes
+from overfit import fit_and_score
 from pretrain_det3d.models.registry import (
     DETECTORS,
     build_detector,
@@ -393,22 +391,6 @@ def test_overfits_two_cases_to_high_ap_with_the_default_recipe() -> None:
     torch.manual_seed(0)
     # CPU-sized width and head levels only; the loss recipe is the default one
     model = build_detector("retina_unet", {**TINY, "fpn_channels": 16}, 1, 2, {"box_sizes": sizes})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    first = None
-    for _ in range(40):
-        optimizer.zero_grad()
-        loss = model.compute_losses(images, targets, seg)["loss"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
-        optimizer.step()
-        first = loss.item() if first is None else first
-    assert loss.item() < 0.1 * first
-
-    model.eval()
-    predictions = model.predict(images)
-    ground_truth = [CaseBoxes(t["boxes"].numpy().astype(np.float64), t["labels"].numpy()) for t in targets]
-    predicted = [
-        CaseBoxes(p["boxes"].numpy().astype(np.float64), p["labels"].numpy(), p["scores"].numpy()) for p in predictions
-    ]
-    metrics, _ = evaluate_cases(["case_a", "case_b"], ground_truth, predicted, [0, 1])
+    first, last, metrics = fit_and_score(model, images, targets, seg, clip=12.0)
+    assert last < 0.1 * first
     assert metrics["AP_IoU_0.10_MaxDet_100"] >= 0.9, metrics
