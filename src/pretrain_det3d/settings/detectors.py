@@ -52,8 +52,11 @@ class RetinaUNetSettings(DetectorSettings):
                                            "planner rule, levels min(max(1, n - 4), 2) .. n - 1 of an n-stage encoder "
                                            "(ResEnc-L: 4, 8, 16, 32; a 4-stage preset: 2, 4, 8).")
     anchor_shapes: list[list[list[float]]] | None = Field(
-        None, description="Explicit anchor shapes per level [[z, y, x], ...]; default: planned from the boxes.")
-    anchors_per_level: int = Field(3, gt=0, description="Planned anchor shapes per head level.")
+        None, description="Explicit anchor shapes per level [[z, y, x], ...] (the same count on every level); "
+        "default: planned from the training boxes as nnDetection's planner does (models/anchors.py).")
+    anchors_per_level: Literal[1, 8, 27, 64, 125] = Field(
+        27, description="Planned anchors per location of every head level, k**3: all products of k sizes per "
+        "axis (the release: 27, 3 per axis), the sizes chosen to maximise the boxes' mean best IoU.")
     fpn_channels: int = Field(128, gt=0, description="UFPN width of the head levels (nnDetection plans 4 x 32 "
                               "start channels); finer levels halve it per level.")
     fpn_min_channels: int = Field(8, gt=0, description="UFPN: smallest width of the levels below the heads.")
