@@ -42,7 +42,8 @@ def test_forward_shapes_and_anchor_count_at_32() -> None:
     out = model(images)
     assert model.head_strides == [4, 8]
     locations = (32 // 4) ** 3 + (32 // 8) ** 3
-    n_anchors = locations * 3
+    n_anchors = locations * 27  # the release's 3 x 3 x 3 anchor sizes per location
+    assert model.num_anchors_per_location == 27
     assert out["cls"].shape == (2, n_anchors, 2)
     assert out["reg"].shape == (2, n_anchors, 6)
     assert out["seg"].shape == (2, 2, 32, 32, 32)
@@ -123,7 +124,9 @@ def test_box_between_anchor_centres_still_gets_an_anchor_also_under_autocast() -
     # An 8^3 box at [8, 16)^3 with 8^3 anchors every 4 voxels: ATSS's threshold (mean + std of tied
     # candidates) exceeds every candidate IoU, so MONAI's matcher alone matches nothing.
     torch.manual_seed(0)
-    model = build_detector("retina_unet", TINY, 1, 1, {"box_sizes": [[8, 8, 8]]})
+    # three identical 8^3 anchors per location on level 4, 16^3 on level 8: the ties this case needs
+    settings = {**TINY, "anchor_shapes": [[[8.0] * 3] * 3, [[16.0] * 3] * 3]}
+    model = build_detector("retina_unet", settings, 1, 1, {"box_sizes": [[8, 8, 8]]})
     images = torch.randn(1, 1, 32, 32, 32)
     box = torch.tensor([[8.0, 8.0, 8.0, 16.0, 16.0, 16.0]])
     anchors, locations = model.anchors(images, model(images)["head_features"])

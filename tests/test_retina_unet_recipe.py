@@ -51,6 +51,7 @@ def test_ufpn_widths_and_convs(paper_model: RetinaUNet) -> None:
 
 def test_heads_depth_groupnorm_and_anchors(paper_model: RetinaUNet) -> None:
     anchors = paper_model.num_anchors_per_location
+    assert anchors == 27  # the release: 3 sizes per axis, all their products
     assert anchors == paper_model.build_kwargs.get("anchors_per_level", RetinaUNetSettings.default("anchors_per_level"))
     assert all(len(level) == anchors for level in paper_model.build_kwargs["anchor_shapes"])
     for head, per_anchor in ((paper_model.cls_head, 1), (paper_model.reg_head, 6)):
