@@ -90,7 +90,7 @@ def test_smoke_study_runs_through_slurm(tmp_path, slurm_cluster):
     finetune_logs = list((tmp_path / "slurm_logs" / "rule_finetune").rglob("*.log"))
     assert len(finetune_logs) == 4
     for path in finetune_logs:
-        assert re.search(r"exec python -m pretrain_det3d finetune .* --threads 2 >>", path.read_text()), path
+        assert re.search(r"attempt_log finetune \S+ python -m pretrain_det3d finetune .* --threads 2\b", path.read_text()), path
 
 
 def proctrack_type() -> str:
