@@ -191,14 +191,6 @@ def prediction_record(result: Mapping[str, np.ndarray], meta: Mapping[str, Any])
 
 
 # ---- prediction ------------------------------------------------------------------------------------------
-def _resolve_device(name: str) -> str:
-    if name == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def run_raw_prediction(
     model_paths: Sequence[str | os.PathLike],
     cases_dir: str | os.PathLike,
@@ -208,8 +200,9 @@ def run_raw_prediction(
 ) -> None:
     """Predict ``case_ids`` (``{cases_dir}/{case}.npy`` + ``.json``, preprocessed) with the models together and
     write ``{out_dir}/{case}.npz`` (:func:`save_raw_case`); the folder is replaced atomically when all are done."""
-    from pretrain_det3d.data.io import load_npy
+    from pretrain_det3d.inference.predict import read_preprocessed_case
     from pretrain_det3d.inference.sliding_window import MIRROR_AXES
+    from pretrain_det3d.training.trainer import resolve_device
     from pretrain_det3d.inference.sliding_window import predict_sources
     from pretrain_det3d.models.registry import load_detector
 
@@ -222,16 +215,11 @@ def run_raw_prediction(
     cases = Path(cases_dir)
     with atomic_directory(out_dir) as tmp:
         for case in tqdm(list(case_ids), desc=f"predict ({len(detectors)} model(s))", unit="case"):
-            image_path, meta_path = cases / f"{case}.npy", cases / f"{case}.json"
-            for path in (image_path, meta_path):
-                if not path.is_file():
-                    raise FileNotFoundError(f"{path}: preprocessed case file not found")
-            image = load_npy(image_path, mmap_mode="r")
-            meta = json.loads(meta_path.read_text())
+            image, meta = read_preprocessed_case(cases, case)
             sources = predict_sources(
                 detectors, image, options["patch_size"], overlap=float(options["overlap"]),
                 mirror_axes=MIRROR_AXES if options["mirror"] else (), batch_size=int(options["batch_size"]),
-                device=_resolve_device(options["device"]), candidates=int(options["candidates"]),
+                device=resolve_device(str(options["device"])), candidates=int(options["candidates"]),
             )
             save_raw_case(tmp / f"{case}{RAW_SUFFIX}", RawCase(
                 case=case, sources=sources, image_shape=tuple(int(s) for s in image.shape[1:]),

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pretrain_det3d.data.boxes import box_centre_indices
 from pretrain_det3d.data.io import load_npy
-from pretrain_det3d.data.preprocessing import map_boxes_to_original
+from pretrain_det3d.inference.postprocessing import prediction_record
 from pretrain_det3d.inference.sliding_window import predict_case_with_settings
 from pretrain_det3d.models.registry import load_detector
 from pretrain_det3d.settings.study import InferenceSettings
@@ -58,6 +58,16 @@ def world_centres(boxes: np.ndarray, case_meta: Mapping[str, Any]) -> np.ndarray
     return origin[None, :] + (index_xyz * spacing_xyz[None, :]) @ direction.T  # [N, 3]
 
 
+def read_preprocessed_case(cases_dir: Path, case: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """The image (memory-mapped) and metadata of a preprocessed case, ``{cases_dir}/{case}.npy`` + ``.json``."""
+    image_path, meta_path = cases_dir / f"{case}.npy", cases_dir / f"{case}.json"
+    for path in (image_path, meta_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: preprocessed case file not found")
+    image = load_npy(image_path, mmap_mode="r")  # a truncated case is named, with how to regenerate it
+    return image, json.loads(meta_path.read_text())
+
+
 def _settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     options = InferenceSettings.parse(settings, where="inference")
     if options.patch_size is None:
@@ -79,20 +89,6 @@ def run_prediction(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for case in tqdm(list(case_ids), desc="predict", unit="case"):
-        image_path, meta_path = cases / f"{case}.npy", cases / f"{case}.json"
-        for path in (image_path, meta_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: preprocessed case file not found")
-        image = load_npy(image_path, mmap_mode="r")  # a truncated case is named, with how to regenerate it
-        meta = json.loads(meta_path.read_text())
+        image, meta = read_preprocessed_case(cases, case)
         result = predict_case_with_settings(detector, image, options)
-        boxes = map_boxes_to_original(result["boxes"], meta)
-        write_json(
-            out_dir / f"{case}.json",
-            {
-                "boxes": boxes.tolist(),
-                "scores": result["scores"].tolist(),
-                "labels": result["labels"].tolist(),
-                "world_centres": world_centres(boxes, meta).tolist(),
-            },
-        )
+        write_json(out_dir / f"{case}.json", prediction_record(result, meta))
