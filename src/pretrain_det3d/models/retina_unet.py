@@ -335,6 +335,17 @@ def _ensure_every_box_matched(quality: Tensor, matches: Tensor) -> Tensor:
     return matches
 
 
+def _check_anchor_levels(anchor_shapes: Sequence[Sequence[Sequence[float]]], head_strides: Sequence[Any]) -> None:
+    """One anchor set per head level, the same number of shapes on each (the heads are shared)."""
+    if len(anchor_shapes) != len(head_strides):
+        raise ValueError(
+            f"anchor_shapes has {len(anchor_shapes)} levels but head_strides {list(head_strides)} has "
+            f"{len(head_strides)}"
+        )
+    if len({len(level) for level in anchor_shapes}) != 1:
+        raise ValueError("anchor_shapes must give the same number of shapes on every level (shared heads)")
+
+
 @DETECTORS.register("retina_unet")
 class RetinaUNet(nn.Module):
     """Retina U-Net detector on a ResEnc encoder (see the module docstring).
@@ -381,15 +392,7 @@ class RetinaUNet(nn.Module):
         super().__init__()
         self.num_classes = int(num_classes)
         self.head_strides = resolve_head_strides(preset, head_strides)
-        if len(anchor_shapes) != len(self.head_strides):
-            raise ValueError(
-                f"anchor_shapes has {len(anchor_shapes)} levels but head_strides {self.head_strides} has "
-                f"{len(self.head_strides)}"
-            )
-        anchors_per_level = {len(level) for level in anchor_shapes}
-        if len(anchors_per_level) != 1:
-            raise ValueError("anchor_shapes must give the same number of shapes on every level (shared heads)")
-        self.num_anchors_per_location = anchors_per_level.pop()
+        _check_anchor_levels(anchor_shapes, self.head_strides)
 
         backbone = get_preset(preset)
         self.stage_strides = backbone.cumulative_strides
@@ -402,11 +405,54 @@ class RetinaUNet(nn.Module):
         self.decoder_widths = fpn_level_channels(n_levels, self.head_levels[0], fpn_channels, fpn_min_channels)
         self.decoder = UFPN(backbone.features_per_stage[:n_levels], backbone.strides[:n_levels], self.decoder_widths)
 
+        self._build_heads_and_losses(
+            anchor_shapes, fpn_channels, self.decoder_widths[0], head_convs=head_convs,
+            head_channels_per_group=head_channels_per_group, atss_candidates=atss_candidates,
+            atss_center_in_gt=atss_center_in_gt, focal_alpha=focal_alpha, focal_gamma=focal_gamma, cls_prior=cls_prior,
+            box_weights=box_weights, cls_weight=cls_weight, reg_weight=reg_weight,
+            reg_smooth_l1_beta=reg_smooth_l1_beta, reg_learn_scale=reg_learn_scale, loss_norm_beta=loss_norm_beta,
+            loss_norm_bias_correction_steps=loss_norm_bias_correction_steps, seg_ce_weight=seg_ce_weight,
+            seg_dice_weight=seg_dice_weight, score_threshold=score_threshold, topk_per_level=topk_per_level,
+            nms_iou=nms_iou, max_detections=max_detections,
+        )
+
+    def _build_heads_and_losses(
+        self,
+        anchor_shapes: Sequence[Sequence[Sequence[float]]],
+        fpn_channels: int,
+        seg_channels: int,
+        *,
+        head_convs: int,
+        head_channels_per_group: int,
+        atss_candidates: int,
+        atss_center_in_gt: bool,
+        focal_alpha: float,
+        focal_gamma: float,
+        cls_prior: float,
+        box_weights: Sequence[float],
+        cls_weight: float,
+        reg_weight: float,
+        reg_smooth_l1_beta: float,
+        reg_learn_scale: bool,
+        loss_norm_beta: float,
+        loss_norm_bias_correction_steps: int,
+        seg_ce_weight: float,
+        seg_dice_weight: float,
+        score_threshold: float,
+        topk_per_level: int,
+        nms_iou: float,
+        max_detections: int,
+    ) -> None:
+        """Heads (on ``fpn_channels``-wide head levels, one per entry of ``anchor_shapes``), the segmentation
+        head (on the ``seg_channels``-wide full-resolution level), anchors, matcher and losses: the part of the
+        Retina U-Net that does not depend on the encoder (shared with the native Retina U-Net)."""
+        self.num_anchors_per_location = len(anchor_shapes[0])
+        num_head_levels = len(anchor_shapes)
         self.cls_head = _Head(fpn_channels, self.num_anchors_per_location, self.num_classes, head_convs,
                               head_channels_per_group, prior=cls_prior)
         self.reg_head = _Head(fpn_channels, self.num_anchors_per_location, 6, head_convs, head_channels_per_group,
-                              num_levels=len(self.head_levels) if reg_learn_scale else None)
-        self.seg_head = nn.Conv3d(self.decoder_widths[0], SEG_CLASSES, 1)
+                              num_levels=num_head_levels if reg_learn_scale else None)
+        self.seg_head = nn.Conv3d(seg_channels, SEG_CLASSES, 1)
         _he_init(self.seg_head)
 
         self.anchor_generator = AnchorGeneratorWithAnchorShape(
