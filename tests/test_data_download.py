@@ -13,6 +13,7 @@ import json
 import re
 import tarfile
 import threading
+import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 
 from pretrain_det3d.data.download import (
     ArchiveError, ChecksumError, DownloadError, SourceCopyError, UnsafeArchiveError, download_file, extract_archive,
-    fetch_source, resolve_source_root,
+    fetch_source, record_path, resolve_source_root,
 )
 from pretrain_det3d.data.sources import SourceConfigError, SourceEntry
 
@@ -30,12 +31,16 @@ PAYLOAD = bytes(range(256)) * 400  # 102,400 bytes
 
 
 class FileServer:
-    """Serves ``files`` (path -> bytes); ``drops`` (path -> count) makes the next responses stop half-way."""
+    """Serves ``files`` (path -> bytes); ``drops`` (path -> count) makes the next responses stop half-way;
+    ``refusals`` (path -> [(status, headers), ...]) answers the next requests with those statuses first."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.drops: dict[str, int] = {}
+        self.refusals: dict[str, list[tuple[int, dict[str, str]]]] = {}
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+        self.times: list[float] = []  # when each request arrived (time.monotonic)
+        self.headers: list[dict[str, str]] = []  # each request's headers
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -47,6 +52,17 @@ class FileServer:
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 range_header = self.headers.get("Range")
                 server.requests.append((self.path, range_header))
+                server.times.append(time.monotonic())
+                server.headers.append(dict(self.headers.items()))
+                if server.refusals.get(self.path):
+                    status, headers = server.refusals[self.path].pop(0)
+                    body = b"busy, try later"
+                    self.send_response(status)
+                    for key, value in {**headers, "Content-Length": str(len(body))}.items():
+                        self.send_header(key, value)
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 data = server.files.get(self.path)
                 if data is None:
                     self.send_error(404)
@@ -158,6 +174,131 @@ def test_http_error_is_clear(server: FileServer, tmp_path: Path) -> None:
     assert not (tmp_path / "missing.bin").exists()
 
 
+# ---- retries on refusals, re-verification -----------------------------------------------------------------
+def test_429_then_success(server: FileServer, tmp_path: Path) -> None:
+    server.files["/data.bin"] = PAYLOAD
+    server.refusals["/data.bin"] = [(429, {}), (429, {})]  # rate-limited twice, no Retry-After
+    dest = download_file(server.url("/data.bin"), tmp_path / "data.bin", sha256=sha256(PAYLOAD), retries=2,
+                         backoff_s=0, show_progress=False)
+    assert dest.read_bytes() == PAYLOAD
+    assert server.requests == [("/data.bin", None)] * 3
+    # resumable ranges count the file's own bytes: no compression is asked for
+    assert all(h.get("Accept-Encoding") == "identity" for h in server.headers)
+
+
+def test_503_with_retry_after_waits_as_asked(server: FileServer, tmp_path: Path, caplog) -> None:
+    server.files["/data.bin"] = PAYLOAD
+    server.drops["/data.bin"] = 1  # the first real answer breaks off: the retry after 503 must resume it
+    server.refusals["/data.bin"] = [(503, {"Retry-After": "2"})]
+    with caplog.at_level("WARNING", logger="pretrain_det3d.data.download"):
+        download_file(server.url("/data.bin"), tmp_path / "data.bin", sha256=sha256(PAYLOAD), backoff_s=0,
+                      show_progress=False)
+    assert (tmp_path / "data.bin").read_bytes() == PAYLOAD
+    assert server.requests == [("/data.bin", None), ("/data.bin", None), ("/data.bin", f"bytes={len(PAYLOAD) // 2}-")]
+    assert server.times[1] - server.times[0] >= 1.9  # the backoff is 0: only Retry-After makes it wait
+    assert server.times[2] - server.times[1] < 1.5
+    assert any("HTTP 503" in r.getMessage() and "Retry-After" in r.getMessage() for r in caplog.records)
+
+
+def test_refusals_beyond_the_retries_name_the_status(server: FileServer, tmp_path: Path) -> None:
+    server.files["/data.bin"] = PAYLOAD
+    server.refusals["/data.bin"] = [(429, {})] * 3 + [(502, {})] * 3
+    with pytest.raises(DownloadError, match=r"/data\.bin: server answered HTTP 429 Too Many Requests after 2 retries"):
+        download_file(server.url("/data.bin"), tmp_path / "data.bin", retries=2, backoff_s=0, show_progress=False)
+    assert len(server.requests) == 3 and not (tmp_path / "data.bin").exists()
+    with pytest.raises(DownloadError, match=r"HTTP 502 Bad Gateway after 2 retries"):
+        download_file(server.url("/data.bin"), tmp_path / "data.bin", retries=2, backoff_s=0, show_progress=False)
+    assert len(server.requests) == 6
+    server.refusals["/data.bin"] = [(403, {})]  # not retried: a refusal that waiting does not change
+    with pytest.raises(DownloadError, match=r"HTTP 403 Forbidden$"):
+        download_file(server.url("/data.bin"), tmp_path / "data.bin", retries=2, backoff_s=0, show_progress=False)
+    assert len(server.requests) == 7
+
+
+def test_checksum_changed_after_completion(server: FileServer, tmp_path: Path) -> None:
+    dest = tmp_path / "data.bin"
+    server.files["/data.bin"] = PAYLOAD
+    download_file(server.url("/data.bin"), dest, show_progress=False)  # no checksum stated yet
+    record = json.loads(record_path(dest).read_text())
+    assert record["actual"]["sha256"] == sha256(PAYLOAD) and record["expected"]["sha256"] is None
+    assert len(server.requests) == 1
+
+    # the right checksum is stated afterwards: the file is checked against it, not fetched again
+    download_file(server.url("/data.bin"), dest, sha256=sha256(PAYLOAD), show_progress=False)
+    assert len(server.requests) == 1
+    assert json.loads(record_path(dest).read_text())["expected"]["sha256"] == sha256(PAYLOAD)
+
+    # a wrong checksum is never recorded as verified: the file is fetched again, fails, and the old copy stays
+    wrong = sha256(b"other")
+    with pytest.raises(ChecksumError, match=rf"sha256 mismatch: expected {wrong}"):
+        download_file(server.url("/data.bin"), dest, sha256=wrong, backoff_s=0, show_progress=False)
+    assert len(server.requests) == 2
+    assert dest.read_bytes() == PAYLOAD
+    assert json.loads(record_path(dest).read_text())["expected"]["sha256"] == sha256(PAYLOAD)
+    with pytest.raises(ChecksumError):  # and again on the next run, never silently accepted
+        download_file(server.url("/data.bin"), dest, sha256=wrong, backoff_s=0, show_progress=False)
+    assert len(server.requests) == 3
+
+    # the publisher replaced the file and the config states its new checksum: the new file replaces the old
+    new_payload = PAYLOAD[::-1]
+    server.files["/data.bin"] = new_payload
+    download_file(server.url("/data.bin"), dest, md5=hashlib.md5(new_payload).hexdigest(), show_progress=False)
+    assert dest.read_bytes() == new_payload and len(server.requests) == 4
+    assert not (tmp_path / "data.bin.part").exists()
+
+
+def test_changed_checksum_rechecks_an_unpacked_archive(server: FileServer, tmp_path: Path) -> None:
+    old_zip = zip_bytes({"subset0/a.mhd": b"old"})
+    server.files["/annotations.csv"] = b"x"
+    server.files["/subset0.zip"] = old_zip
+    out = tmp_path / "raw" / "demo"
+    entry = open_entry(server, sha256(b"x"))
+    fetch_source(entry, out, show_progress=False)
+    seen = len(server.requests)
+    assert not (out / "downloads" / "subset0.zip").exists()  # deleted once unpacked
+
+    # the checksum of the (deleted) archive is stated now: its record answers, nothing is fetched
+    entry["files"][1]["md5"] = hashlib.md5(old_zip).hexdigest()
+    fetch_source(entry, out, show_progress=False)
+    assert len(server.requests) == seen
+    assert json.loads((out / "source.json").read_text())["entry"]["files"][1]["md5"] == hashlib.md5(old_zip).hexdigest()
+
+    # a new archive with a new checksum: fetched again, unpacked in place of the old folder
+    new_zip = zip_bytes({"subset0/b.mhd": b"new"})
+    server.files["/subset0.zip"] = new_zip
+    entry["files"][1]["md5"] = hashlib.md5(new_zip).hexdigest()
+    fetch_source(entry, out, show_progress=False)
+    assert [r[0] for r in server.requests[seen:]] == ["/subset0.zip"]
+    assert sorted(p.name for p in (out / "subset0" / "subset0").iterdir()) == ["b.mhd"]
+
+    # a stated checksum that the publisher's file does not have: the unpacked folder is not replaced
+    entry["files"][1]["md5"] = "0" * 32
+    with pytest.raises(ChecksumError, match="md5 mismatch"):
+        fetch_source(entry, out, show_progress=False)
+    assert sorted(p.name for p in (out / "subset0" / "subset0").iterdir()) == ["b.mhd"]
+    assert not (out / "source.json").exists()  # not done until it matches
+
+
+def test_corrupt_archive_is_moved_aside_and_fetched_again(server: FileServer, tmp_path: Path) -> None:
+    good = zip_bytes({"subset0/a.mhd": b"header", "subset0/a.raw": PAYLOAD})
+    server.files["/annotations.csv"] = b"x"
+    server.files["/subset0.zip"] = good[: len(good) // 2]  # the server sends a damaged copy once
+    out = tmp_path / "raw" / "demo"
+    with pytest.raises(ArchiveError) as info:
+        fetch_source(open_entry(server, sha256(b"x")), out, show_progress=False)
+    aside = out / "downloads" / "subset0.zip.corrupt"
+    message = str(info.value)
+    assert f"It was moved to {aside}; the next run downloads it again" in message
+    assert r"check sources.demo.files[1].url" in message and "md5 or sha256 in sources.demo.files[1]" in message
+    assert aside.is_file() and not (out / "downloads" / "subset0.zip").exists()
+    assert not record_path(out / "downloads" / "subset0.zip").exists()
+    assert not (out / "subset0").exists() and not (out / "source.json").exists()
+    server.files["/subset0.zip"] = good
+    fetch_source(open_entry(server, sha256(b"x")), out, show_progress=False)
+    assert (out / "subset0" / "subset0" / "a.raw").read_bytes() == PAYLOAD
+    assert [r for r in server.requests if r[0] == "/subset0.zip"] == [("/subset0.zip", None)] * 2
+
+
 # ---- extraction ------------------------------------------------------------------------------------------
 def test_truncated_archives_leave_nothing(server: FileServer, tmp_path: Path) -> None:
     good_zip = zip_bytes({"subset0/a.mhd": b"header", "subset0/a.raw": PAYLOAD})
@@ -222,7 +363,8 @@ def test_fetch_open_source_is_atomic_and_idempotent(server: FileServer, tmp_path
     root = fetch_source(open_entry(server, sha256(csv)), out, show_progress=False)
     assert root == out.resolve()
     assert (out / "subset0" / "subset0" / "a.raw").read_bytes() == PAYLOAD
-    assert not (out / "downloads").exists()  # archives are removed once unpacked
+    # the archive is removed once unpacked; its record (what it was checked against) stays
+    assert sorted(p.name for p in (out / "downloads").iterdir()) == ["subset0.zip.verified.json"]
     record = json.loads((out / "source.json").read_text())
     assert record["root"] == str(out.resolve()) and record["entry"]["files"][0]["sha256"] == sha256(csv)
     seen = len(server.requests)

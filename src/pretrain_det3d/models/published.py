@@ -46,7 +46,7 @@ def fetch_published_checkpoint(entry: Mapping[str, Any], out_path: str | os.Path
     With ``sha256: null`` the file is used unverified: the computed hash is logged and written beside the
     checkpoint (``checkpoint_final.sha256.json``) so it can be pinned in the config afterwards.
     """
-    from pretrain_det3d.data.download import download_file, file_digest
+    from pretrain_det3d.data.download import download_file, file_digest, record_path
     from pretrain_det3d.models.checkpoint import read_pretraining_checkpoint
 
     _check_entry(entry, where)
@@ -59,6 +59,7 @@ def fetch_published_checkpoint(entry: Mapping[str, Any], out_path: str | os.Path
             staging = out_path.with_name(out_path.name + ".download")
             download_file(entry["url"], staging, sha256=expected)
             shutil.move(staging, tmp)
+            record_path(staging).unlink(missing_ok=True)  # the hash is recorded beside the output below
         else:
             copy = Path(entry["path"])
             if not copy.is_file():
