@@ -273,6 +273,14 @@ def cmd_table(args: argparse.Namespace) -> None:
     make_table(args.name, _study_inputs(args), out_paths, args.settings)
 
 
+def cmd_benchmark_quality(args: argparse.Namespace) -> None:
+    from pretrain_det3d.benchmark.quality import CURVE_FILE, RECORD_FILE, format_quality_table, run_quality_benchmark
+
+    record = run_quality_benchmark(args.out, args.settings)
+    print(format_quality_table(record))
+    print(f"wrote {args.out / RECORD_FILE} and {args.out / CURVE_FILE}")
+
+
 def cmd_benchmark(args: argparse.Namespace) -> None:
     from pretrain_det3d.benchmark import format_table, run_benchmark
     from pretrain_det3d.benchmark.run import settings_from_study_config
@@ -498,6 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--settings", type=_settings, default={}, help="further BenchmarkSettings as JSON")
     p.add_argument("--out", type=Path, default=None, help="JSON record (written atomically)")
+    p = verb("benchmark-quality", cmd_benchmark_quality,
+             "train our detectors and MONAI's RetinaNet side by side on one synthetic set; AP, mAP, FROC, curves")
+    p.add_argument("--out", type=Path, default=Path("results/benchmark/quality"), help="output folder")
+    p.add_argument("--settings", type=_settings, default={},
+                   help="QualitySettings as JSON, e.g. '{\"iterations\": 600, \"threads\": 2}'")
     p = verb("config-docs", cmd_config_docs, "write the config's JSON schema and key reference (config/README.md)")
     p.add_argument("--root", type=Path, default=Path("."), help="repository root")
     p.add_argument("--check", action="store_true", help="only check that the generated files are up to date")
