@@ -4,7 +4,8 @@ Fixture: ``Task07_Pancreas/dataset.json`` (MSD keys: modality, labels 0 backgrou
 numTraining, training list with ``./imagesTr/...`` paths, test list), ``imagesTr/``, ``labelsTr/``,
 ``imagesTs/`` and the macOS ``._pancreas_001.nii.gz`` forks that the published tar holds. Geometry: size
 (x, y, z) = (12, 11, 7), spacing (0.8, 0.8, 2.5) mm, origin (-201.3, -180.9, -480.0), direction diag(1, -1, -1).
-The slice axis is array axis z (2.5 mm); the size filter checks y and x (>= 3 mm, i.e. >= 4 voxels of 0.8 mm).
+The slice axis is array axis z (2.5 mm); the size filter checks y and x (padded sides (n + 1) x 0.8 mm > 3 mm, i.e.
+at least 3 voxels).
 
 Labels of pancreas_001 (array axes z, y, x), hand-worked boxes (z0, y0, x0, z1, y1, x1), max exclusive:
 

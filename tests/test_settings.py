@@ -199,20 +199,20 @@ def test_key_reference_documents_every_key_with_its_default():
 # ---- converters: the convert: section is checked at the dry run and by the converter, with one class
 def test_converter_option_misspelled_in_the_paper_config_fails_validation():
     config = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
-    config["datasets"]["lidc"]["convert"]["min_reader"] = 3
-    with pytest.raises(ConfigError, match=r"'datasets\.lidc\.convert\.min_reader': unknown key; did you mean "
-                                          r"'min_readers'"):
+    config["datasets"]["lidc"]["convert"]["voxel_agreemnt"] = 0.5
+    with pytest.raises(ConfigError, match=r"'datasets\.lidc\.convert\.voxel_agreemnt': unknown key; did you mean "
+                                          r"'voxel_agreement'"):
         validate_study_config(config)
 
 
 def test_converter_options_are_coerced_and_defaults_come_from_the_settings_classes():
     from pretrain_det3d.data.converters import get_converter
     from pretrain_det3d.data.converters.label_maps import DEFAULT_CONNECTIVITY
-    from pretrain_det3d.data.converters.lidc import DEFAULT_MIN_READERS
+    from pretrain_det3d.data.converters.lidc import DEFAULT_VOXEL_AGREEMENT
     from pretrain_det3d.settings.converters import CONVERTER_SETTINGS, KiTS21ConvertSettings, LIDCConvertSettings
 
     assert get_converter("kits21", {"connectivity": "18", "min_extent_mm": "2"}).connectivity == 18
-    assert DEFAULT_MIN_READERS == LIDCConvertSettings.default("min_readers") == 2
+    assert DEFAULT_VOXEL_AGREEMENT == LIDCConvertSettings.default("voxel_agreement") == 0.5
     assert DEFAULT_CONNECTIVITY == KiTS21ConvertSettings.default("connectivity")  # label_maps keeps its own
     from pretrain_det3d import catalog
 

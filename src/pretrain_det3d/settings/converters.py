@@ -35,11 +35,18 @@ class LUNA16ConvertSettings(Settings):
 
 
 class LIDCConvertSettings(Settings):
-    """LIDC-IDRI: DICOM series plus the readers' XML; nodules by reader consensus."""
+    """LIDC-IDRI: DICOM series plus the readers' XML; one case per CT series, nodules by reader agreement."""
 
-    min_readers: int = Field(2, ge=1, le=4, description="Readers that must have marked a nodule.")
-    voxel_agreement: float = Field(0.5, gt=0, le=1, description="Share of the grouped readers' masks a voxel "
-                                   "must lie in.")
+    voxel_agreement: float = Field(0.5, gt=0, le=1, description="Share of the four readers whose outlines must "
+                                   "cover a voxel (nnDetection's LIDC preparation: mean of the readers' masks "
+                                   ">= 0.5, i.e. 2 of 4).")
+    min_overlap_voxels: int = Field(11, ge=1, description="Voxels two readers' nodules must share to be one "
+                                    "nodule (MIC-DKFZ/LIDC-IDRI-processing, used by nnDetection: more than 10).")
+    classes: Literal["nodule", "malignancy"] = Field("nodule", description="One class, or benign/malignant by the "
+                                                     "mean malignancy rating >= 3 (nnDetection's LIDC classes).")
+    malignancy_mean: Literal["four_readers", "marking_readers"] = Field(
+        "four_readers", description="With classes 'malignancy': average over the four readers, those who did not "
+        "mark the nodule counting 0 (nnDetection), or over the readers who rated it.")
 
 
 class PN9ConvertSettings(Settings):
@@ -62,19 +69,27 @@ class RibFracConvertSettings(Settings):
 
 
 class KiTS21ConvertSettings(Settings):
-    """KiTS21: the kits21 repository's images and aggregated segmentations."""
+    """KiTS21: the kits21 repository's images and per-instance annotation files (or its aggregated maps)."""
 
+    instances: Literal["annotations", "aggregated"] = Field(
+        "annotations", description="Instances from segmentations/{tumor,cyst}_instance-k_annotation-a files "
+        "voted per instance (nnDetection's KiTS21 preparation), or connected components of an aggregated map.")
+    min_annotators: int = Field(2, ge=1, description="Annotators that must mark a voxel of an instance "
+                                "(instances 'annotations'; KiTS21 has 3 per instance).")
+    include_cysts: bool = Field(True, description="Cysts as a second class 'cyst' (nnDetection: yes).")
     segmentation: Literal["aggregated_MAJ_seg.nii.gz", "aggregated_AND_seg.nii.gz", "aggregated_OR_seg.nii.gz"] = \
-        Field("aggregated_MAJ_seg.nii.gz", description="Which aggregated segmentation to read.")
-    include_cysts: bool = Field(False, description="Cysts as a second class.")
-    min_extent_mm: float = Field(3.0, ge=0, description="Instances smaller than this in-plane are dropped.")
-    connectivity: Connectivity = Field(26, description="Connectivity of the connected components.")
+        Field("aggregated_MAJ_seg.nii.gz", description="Aggregated segmentation to read (instances 'aggregated').")
+    min_extent_mm: float = Field(0.0, ge=0, description="Size filter, nnDetection's convention: padded box sides "
+                                 "(n+1) x spacing must exceed it off the slice axis; 0 keeps all (nnDetection).")
+    connectivity: Connectivity = Field(26, description="Connectivity of the connected components (instances "
+                                       "'aggregated').")
 
 
 class MSDPancreasConvertSettings(Settings):
     """MSD Task07 Pancreas: tumours (label 2) as connected components."""
 
-    min_extent_mm: float = Field(3.0, ge=0, description="Instances smaller than this in-plane are dropped.")
+    min_extent_mm: float = Field(3.0, ge=0, description="Size filter, nnDetection's convention: padded box sides "
+                                 "(n+1) x spacing must exceed it off the slice axis (nnDetection Task007: 3 mm).")
     connectivity: Connectivity = Field(26, description="Connectivity of the connected components.")
 
 
@@ -87,14 +102,17 @@ class DukeBreastConvertSettings(Settings):
 
 
 class CTAAConvertSettings(Settings):
-    """CTA-A: image and label NIfTI files in two folders."""
+    """CTA-A (Zenodo 6801398): imagesTr/labelsTr plus the internal and external test folders."""
 
-    images_dir: str = Field("images", description="Folder of the images below the source folder.")
-    labels_dir: str = Field("labels", description="Folder of the labels below the source folder.")
-    image_suffix: str = Field(".nii.gz", description="Suffix of the image files.")
-    label_suffix: str = Field(".nii.gz", description="Suffix of the label files.")
+    subsets: tuple[Literal["train", "internal_test", "external_test"], ...] = Field(
+        ("train", "internal_test", "external_test"), min_length=1, description="Which folders to convert: "
+        "imagesTr (training cases), imagesTs_internal and imagesTs_external (held-out test cases).")
     instances: Literal["components", "values"] = Field("components", description="Instances as connected "
                                                        "components of the foreground, or one per label value.")
+    connectivity: Connectivity = Field(6, description="Connectivity of the components (nnDetection's CTA "
+                                       "preparation: 6).")
+    strict: bool = Field(False, description="Stop at a case whose mask does not match its image instead of "
+                         "skipping it (skipped cases are listed in conversion_report.json).")
 
 
 #: registered converter name -> its settings class (``catalog.CONVERTER_MODULES`` names the same converters)

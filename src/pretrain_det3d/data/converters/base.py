@@ -4,7 +4,10 @@ A converter turns one dataset's own on-disk format (DICOM series, MetaImage file
 into the converted format of ``docs/contracts.md`` (nnDetection's raw layout). A subclass says which cases the
 source holds (:meth:`DatasetConverter.list_cases`) and how to load one (:meth:`DatasetConverter.load_case`);
 the base class writes them all into a hidden folder that replaces ``out_dir`` only when every case was written,
-so a half-finished conversion never counts as done.
+so a half-finished conversion never counts as done. A dataset with a published test set also lists its held-out
+test cases (:meth:`DatasetConverter.list_test_cases`; written to ``imagesTs``/``labelsTs``). A case that
+:meth:`DatasetConverter.load_case` rejects with :class:`CaseSkipped` is left out and listed, with its reason, in
+``conversion_report.json`` and in ``dataset.json``'s ``skipped_cases``.
 
 Images keep the source's geometry (no resampling, no reorientation): the instance map shares the image's grid,
 so boxes are in voxels of the converted image, array axes (z, y, x).
@@ -32,7 +35,7 @@ from tqdm import tqdm
 from pretrain_det3d.data.io import ConvertedCase, write_case, write_dataset_json
 from pretrain_det3d.settings.base import ConfigError
 from pretrain_det3d.settings.converters import CONVERTER_SETTINGS
-from pretrain_det3d.utils.atomic import atomic_directory
+from pretrain_det3d.utils.atomic import atomic_directory, write_json
 from pretrain_det3d.utils.registry import Registry
 
 
@@ -42,6 +45,15 @@ class ConversionError(ValueError):
     @classmethod
     def for_file(cls, path: str | os.PathLike, problem: str) -> "ConversionError":
         return cls(f"{os.fspath(path)}: {problem}")
+
+
+class CaseSkipped(Exception):
+    """Raised by :meth:`DatasetConverter.load_case` for a case that is left out of the conversion (the message
+    is the reason, starting with the offending file); the conversion goes on with the other cases."""
+
+
+#: file beside ``dataset.json`` that lists the cases a conversion left out, with reasons
+CONVERSION_REPORT = "conversion_report.json"
 
 
 def case_from_sitk(case_id: str, images: Sequence[sitk.Image], instance_map: np.ndarray,
@@ -92,11 +104,21 @@ class DatasetConverter(ABC):
 
     @abstractmethod
     def load_case(self, source_dir: Path, case_id: str) -> ConvertedCase:
-        """Read one case and build its instance map from the dataset's annotations."""
+        """Read one case and build its instance map from the dataset's annotations (training and test cases
+        alike); raise :class:`CaseSkipped` to leave it out with a reason."""
+
+    def list_test_cases(self, source_dir: Path) -> list[str]:
+        """Ids of the held-out test cases (``imagesTs``), sorted; none unless the dataset publishes a test set
+        with labels. They must not share an id with a training case."""
+        return []
 
     def dataset_extra(self) -> dict[str, Any]:
         """Extra keys for ``dataset.json`` (e.g. the conversion rules that were applied)."""
         return {}
+
+    def write_extra_files(self, source_dir: Path, root: Path) -> None:
+        """Write further files into the dataset folder ``root`` while it is being written, after its cases (e.g.
+        LUNA16's reference tables for its own score); nothing by default."""
 
     def convert(self, source_dir: str | os.PathLike, out_dir: str | os.PathLike, show_progress: bool = True) -> Path:
         """Write the whole converted dataset to ``out_dir`` atomically and return it."""
@@ -104,15 +126,36 @@ class DatasetConverter(ABC):
         if not source_dir.is_dir():
             raise ConversionError.for_file(source_dir, "source folder does not exist")
         case_ids = self.list_cases(source_dir)
+        test_ids = self.list_test_cases(source_dir)
         if not case_ids:
             raise ConversionError.for_file(source_dir, f"no {self.dataset_name} cases found")
+        shared = sorted(set(case_ids) & set(test_ids))
+        if shared:
+            raise ConversionError.for_file(source_dir, f"case ids both in training and test cases: {shared[:5]}")
+        skipped: dict[str, str] = {}
+        written = 0
         with atomic_directory(out_dir) as tmp:
-            for case_id in tqdm(case_ids, desc=f"convert {self.dataset_name}", unit="case", disable=not show_progress):
-                case = self.load_case(source_dir, case_id)
+            todo = [(case_id, False) for case_id in case_ids] + [(case_id, True) for case_id in test_ids]
+            for case_id, test in tqdm(todo, desc=f"convert {self.dataset_name}", unit="case",
+                                      disable=not show_progress):
+                try:
+                    case = self.load_case(source_dir, case_id)
+                except CaseSkipped as reason:
+                    skipped[case_id] = str(reason)
+                    continue
                 write_case(tmp, case.case_id, case.image, case.instance_map, case.instances,
-                           case.spacing, case.origin, case.direction)
+                           case.spacing, case.origin, case.direction, test=test)
+                written += not test
+            if not written:
+                raise ConversionError.for_file(source_dir, f"every {self.dataset_name} training case was skipped: "
+                                                           f"{skipped}")
+            self.write_extra_files(source_dir, Path(tmp))
+            extra = self.dataset_extra()
+            if skipped:
+                extra["skipped_cases"] = skipped
+                write_json(Path(tmp) / CONVERSION_REPORT, {"dataset": self.dataset_name, "skipped_cases": skipped})
             write_dataset_json(tmp, self.dataset_name, self.modalities, self.class_names, self.licence,
-                               self.source, len(case_ids), **self.dataset_extra())
+                               self.source, written, **extra)
         return Path(out_dir)
 
 

@@ -11,16 +11,19 @@ Connectivity: the default is 26 (the full 3 x 3 x 3 structuring element: voxels 
 a corner belong to one object), so a lesion whose annotation touches itself only diagonally stays one object.
 ``6`` (faces only) and ``18`` (faces and edges) are available.
 
-Size filter (``min_extent_mm``): a component is kept when, along every array axis except the one with the
-coarsest spacing (the slice axis of an anisotropic CT; on ties the first such axis, z), it spans at least
-``min_extent_mm`` millimetres, counted as ``number of voxels spanned x spacing``. The slice axis is left out
-because a small lesion legitimately covers a single thick slice. This follows the idea of nnDetection's
-seg2det conversion (drop specks that are not lesions) without its code; ``0`` keeps every component.
+Size filter (``min_extent_mm``), in nnDetection's convention (``convert_seg2det.py``'s ``min_size``): a
+component is kept when, along every array axis except the one with the coarsest spacing (the slice axis of an
+anisotropic CT; on ties the first such axis, z), the side of its padded box is *longer than* ``min_extent_mm``
+millimetres. nnDetection's boxes span ``[first - 1, last + 1]`` of the voxel indices, so a component covering
+``n`` voxels along an axis has a side of ``(n + 1) x spacing``, and the test is ``(n + 1) x spacing >
+min_extent_mm``: at 0.8 mm spacing a 3-voxel lesion (3.2 mm) is kept and a 2-voxel one (2.4 mm) dropped. The
+slice axis is left out because a small lesion legitimately covers a single thick slice. ``0`` keeps every
+component. :func:`large_enough` is the test on its own, for converters that build instances otherwise.
 
 Example:
     >>> seg = np.zeros((3, 6, 6), np.uint8); seg[1, 1:4, 1:4] = 2; seg[1, 5, 5] = 2
     >>> instance_map, instances, dropped = connected_instances(seg, {2: 0}, (2.0, 1.0, 1.0), min_extent_mm=2.0)
-    >>> instances, len(dropped)
+    >>> instances, len(dropped)  # the 3 x 3 block has sides of 4 mm; the single voxel's are 2 mm, not > 2 mm
     ({1: 0}, 1)
 """
 
@@ -75,11 +78,15 @@ def check_same_grid(image: sitk.Image, image_path: str | os.PathLike, label: sit
         "direction": (image.GetDirection(), label.GetDirection(),
                       lambda a, b: np.allclose(a, b, rtol=0.0, atol=DIRECTION_ATOL)),
     }
+    def shown(values: Sequence[float], as_int: bool) -> tuple:
+        return tuple(int(v) if as_int else round(float(v), 6) for v in values)
+
     for field_name, (ours, theirs, agree) in checks.items():
         if not agree(ours, theirs):
+            as_int = field_name == "size"
             raise ConversionError.for_file(
-                label_path, f"{field_name} {tuple(round(float(v), 6) for v in theirs)} differs from {field_name} "
-                f"{tuple(round(float(v), 6) for v in ours)} of {os.fspath(image_path)}")
+                label_path, f"{field_name} {shown(theirs, as_int)} differs from {field_name} "
+                f"{shown(ours, as_int)} of {os.fspath(image_path)}")
 
 
 def integer_labels(label: sitk.Image, path: str | os.PathLike) -> np.ndarray:
@@ -127,6 +134,29 @@ def _kept_axes(spacing_zyx: Sequence[float]) -> list[int]:
     return [axis for axis in range(3) if axis != coarsest]
 
 
+def padded_sides_mm(voxels_spanned: Sequence[int], spacing_zyx: Sequence[float]) -> list[float]:
+    """Sides in mm of nnDetection's box around an object spanning ``voxels_spanned`` voxels per array axis:
+    ``(n + 1) x spacing`` (the box runs from ``first - 1`` to ``last + 1``).
+
+    Example:
+        >>> padded_sides_mm((1, 3, 3), (2.5, 0.8, 0.8))
+        [5.0, 3.2, 3.2]
+    """
+    return [(int(n) + 1) * float(sp) for n, sp in zip(voxels_spanned, spacing_zyx)]
+
+
+def large_enough(voxels_spanned: Sequence[int], spacing_zyx: Sequence[float], min_extent_mm: float) -> bool:
+    """The size filter of the module docstring: every padded side except the coarsest axis's is longer than
+    ``min_extent_mm`` (``0`` keeps everything).
+
+    Example:
+        >>> large_enough((1, 3, 3), (2.5, 0.8, 0.8), 3.0), large_enough((1, 2, 3), (2.5, 0.8, 0.8), 3.0)
+        (True, False)
+    """
+    sides = padded_sides_mm(voxels_spanned, spacing_zyx)
+    return all(sides[axis] > min_extent_mm for axis in _kept_axes(spacing_zyx))
+
+
 def connected_instances(
     semantic: np.ndarray,
     classes_of_labels: Mapping[int, int],
@@ -147,10 +177,10 @@ def connected_instances(
     Returns:
         ``(instance_map, instances, dropped)``: the map (ids 1..N, numbered by label value, then in scipy's
         raster order of each component's first voxel), instance id -> class index, and one record per
-        dropped component (``label``, ``box`` in voxels, ``extent_mm``).
+        dropped component (``label``, ``box`` = voxel extent, max exclusive, ``sides_mm`` = its padded box's
+        sides, the numbers the filter compared).
     """
     structure = structure_for(connectivity)
-    kept_axes = _kept_axes(spacing_zyx)
     instance_map = np.zeros(semantic.shape, dtype=np.int32)
     instances: dict[int, int] = {}
     dropped: list[dict[str, Any]] = []
@@ -159,11 +189,11 @@ def connected_instances(
         for component_id, box in enumerate(ndimage.find_objects(components), start=1):
             if box is None:
                 continue
-            extent_mm = [(s.stop - s.start) * float(sp) for s, sp in zip(box, spacing_zyx)]
-            if any(extent_mm[axis] < min_extent_mm for axis in kept_axes):
+            spanned = [s.stop - s.start for s in box]
+            if not large_enough(spanned, spacing_zyx, min_extent_mm):
                 dropped.append({"label": int(label_value),
                                 "box": [s.start for s in box] + [s.stop for s in box],
-                                "extent_mm": [round(e, 4) for e in extent_mm]})
+                                "sides_mm": [round(e, 4) for e in padded_sides_mm(spanned, spacing_zyx)]})
                 continue
             instance_id = len(instances) + 1
             instance_map[box][components[box] == component_id] = instance_id

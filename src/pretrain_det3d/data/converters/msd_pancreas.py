@@ -14,8 +14,9 @@ file names without ``.nii.gz`` (``pancreas_001``). ``dataset.json`` must name la
 release); the converter checks that so a different task is not converted by mistake.
 
 Instances: connected components of label 2 with 26-connectivity, then the size filter of
-:mod:`~pretrain_det3d.data.converters.label_maps` (``min_extent_mm``, default 3 mm along the two in-plane
-axes), the same idea as nnDetection's preparation of this task (``min_size`` 3 mm). The pancreas (label 1) is
+:mod:`~pretrain_det3d.data.converters.label_maps` (``min_extent_mm``, default 3 mm, in nnDetection's convention:
+padded box sides ``(n + 1) x spacing`` longer than 3 mm along the two in-plane axes), as nnDetection's
+preparation of this task (``min_size`` 3 mm). The pancreas (label 1) is
 background. One class: ``tumour``.
 
 Example:
@@ -139,8 +140,8 @@ class MSDPancreasConverter(DatasetConverter):
             "labels_to_classes": {str(TUMOUR_LABEL): "tumour"},
             "connectivity": self.connectivity,
             "min_extent_mm": self.min_extent_mm,
-            "rule": "cases from dataset.json 'training'; instances = connected components of label 2; components "
-                    "spanning less than min_extent_mm along the two finest-spacing axes are dropped; image "
-                    "geometry kept",
+            "rule": "cases from dataset.json 'training'; instances = connected components of label 2; a component "
+                    "is kept when its padded box sides (n+1) x spacing exceed min_extent_mm off the slice axis "
+                    "(nnDetection's seg2det convention); image geometry kept",
             "dropped_components": self._dropped,
         }}
