@@ -32,6 +32,9 @@ class LUNA16ConvertSettings(Settings):
 
     image_globs: tuple[str, ...] = Field(("subset*/*.mhd", "subset*/subset*/*.mhd"),
                                          description="Where the scans lie below the source folder.")
+    excluded_findings: str | None = Field(
+        "**/annotations_excluded.csv", description="Glob (below the source folder) of LUNA16's excluded findings "
+        "(evaluationScript.zip), kept beside the labels for LUNA16's own score; null: none.")
 
 
 class LIDCConvertSettings(Settings):
