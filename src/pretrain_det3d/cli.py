@@ -259,6 +259,12 @@ def _study_inputs(args: argparse.Namespace):
                        predictions_root=args.predictions_root, converted_root=args.converted_root)
 
 
+def cmd_learning_curve(args: argparse.Namespace) -> None:
+    from pretrain_det3d.analysis.learning_curve import plot_learning_curve
+
+    plot_learning_curve(args.log, args.metrics, args.out_png, args.title)
+
+
 def cmd_figure(args: argparse.Namespace) -> None:
     from pretrain_det3d.analysis.outputs import make_figure
 
@@ -488,6 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     study_inputs(p)
     p.add_argument("--out-png", type=Path, required=True)
     p.add_argument("--out-pdf", type=Path, required=True)
+
+    p = verb("learning-curve", cmd_learning_curve, "draw one fine-tuning run's training losses and validation AP")
+    p.add_argument("--log", type=Path, required=True, help="the run's log.csv")
+    p.add_argument("--metrics", type=Path, default=None, help="the run's metrics JSON (validation AP)")
+    p.add_argument("--out-png", type=Path, required=True)
+    p.add_argument("--title", default=None)
 
     p = verb("table", cmd_table, "write one registered table of the report (CSV, Markdown, LaTeX)")
     study_inputs(p)

@@ -208,8 +208,14 @@ def report_outputs():
     return figures + tables
 
 
+def learning_curve_figures():
+    """One learning-curve figure per fine-tuning run (its training log and validation metrics)."""
+    return [path.replace("results/metrics/", "results/figures/learning_curves/").replace(".json", ".png")
+            for path in fold_metric_files()]
+
+
 def final_outputs():
-    return luna16_exports() + test_metric_files() + report_outputs() + [
+    return luna16_exports() + test_metric_files() + report_outputs() + learning_curve_figures() + [
         "results/tables/main_results.csv",
         "results/tables/main_results.md",
     ]

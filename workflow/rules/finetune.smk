@@ -9,13 +9,14 @@ rule finetune:
         cases=f"{DATA}/preprocessed/{{dataset}}/cases",
         init=init_checkpoint,
     output:
-        "results/finetune/{arch}/{init}/{dataset}/fold{fold}/model_final.pth",
+        model="results/finetune/{arch}/{init}/{dataset}/fold{fold}/model_final.pth",
+        log_csv="results/finetune/{arch}/{init}/{dataset}/fold{fold}/log.csv",
     params:
         preprocessed=lambda w, input: str(Path(input.plan).parent),
         detector=lambda w: config["detectors"][w.arch].get("detector", w.arch),
         settings=lambda w: as_json(finetuning_settings(config, w.arch)),
         init_arg=lambda w, input: f"--init {input.init}" if input.init else "",
-        out_dir=lambda w, output: str(Path(output[0]).parent),
+        out_dir=lambda w, output: str(Path(output.model).parent),
         seed=config["seed"],
     log:
         "results/logs/finetune/{arch}/{init}/{dataset}/fold{fold}.log",

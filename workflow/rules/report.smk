@@ -102,3 +102,31 @@ for _table, _formats in REPORT_TABLES.items():
         shell:
             "exec python -m pretrain_det3d.utils.attempt_log aggregate {log:q} python -m pretrain_det3d table --name {params.name} {params.inputs} --settings {params.settings:q} "
             "{params.outputs}"
+
+
+# The learning curve of every fine-tuning run: its per-iteration training losses and its validation AP.
+rule learning_curve:
+    input:
+        log_csv="results/finetune/{arch}/{init}/{dataset}/fold{fold}/log.csv",
+        metrics="results/metrics/{arch}/{init}/{dataset}/fold{fold}.json",
+    output:
+        report(
+            "results/figures/learning_curves/{arch}/{init}/{dataset}/fold{fold}.png",
+            caption="../report/learning_curve.rst",
+            category="Learning curves",
+            subcategory="{dataset}",
+            labels={"detector": "{arch}", "initialisation": "{init}", "fold": "{fold}"},
+        ),
+    params:
+        title=lambda w: f"{w.arch} / {w.init} / {w.dataset} / fold {w.fold}",
+    log:
+        "results/logs/learning_curve/{arch}/{init}/{dataset}/fold{fold}.log",
+    conda:
+        CONDA_ENV
+    localrule: True
+    threads: rule_threads("figure")
+    resources:
+        **rule_resources("figure"),
+    shell:
+        "exec python -m pretrain_det3d.utils.attempt_log learning_curve {log:q} python -m pretrain_det3d learning-curve --log {input.log_csv} --metrics {input.metrics} "
+        "--out-png {output} --title {params.title:q}"
