@@ -57,7 +57,17 @@ def luna16_source(tmp_path: Path) -> Path:
         (UID_A, *centre_small, 0.5),
     ]
     (root / "annotations.csv").write_text("\n".join(",".join(str(v) for v in row) for row in rows) + "\n")
+    # evaluationScript.zip unpacks to evaluationScript/evaluationScript/annotations/ (one row of a scan that is
+    # not in this copy, which the converted dataset leaves out; -1: a finding without a diameter)
+    excluded = root / "evaluationScript" / "evaluationScript" / "annotations" / "annotations_excluded.csv"
+    excluded.parent.mkdir(parents=True)
+    excluded.write_text(EXCLUDED_TEXT)
     return root
+
+
+UID_ELSEWHERE = "1.3.6.1.4.1.14519.5.2.1.6279.6001.999999999999999999999999999999"
+EXCLUDED_TEXT = (f"seriesuid,coordX,coordY,coordZ,diameter_mm\n{UID_A},-140.0,110.5,-305.25,-1\n"
+                 f"{UID_ELSEWHERE},1.0,2.0,3.0,4.5\n{UID_B},-120.125,100.0,-290.0,3.75\n")
 
 
 def test_mhd_fixture_is_real_metaimage(luna16_source: Path) -> None:
@@ -111,3 +121,41 @@ def test_luna16_nodule_outside_scan_is_an_error(luna16_source: Path, tmp_path: P
     with pytest.raises(ConversionError, match="lies outside the scan"):
         convert_dataset("luna16", luna16_source, tmp_path / "converted", show_progress=False)
     assert not (tmp_path / "converted").exists()
+
+
+def test_luna16_keeps_reference_tables_beside_the_labels(luna16_source: Path, tmp_path: Path) -> None:
+    path = luna16_source / "annotations.csv"
+    path.write_text(path.read_text() + f"{UID_ELSEWHERE},1.0,2.0,3.0,6.0\n")  # a scan this copy lacks
+    out = convert_dataset("luna16", luna16_source, tmp_path / "converted", show_progress=False)
+    check_converted_dataset(out)  # the tables do not disturb the format check
+    excluded = (out / "labelsTr" / "annotations_excluded.csv").read_text().splitlines()
+    # the rows of the converted scans, text unchanged (-1 stays -1), the other scan's row left out
+    assert excluded == ["seriesuid,coordX,coordY,coordZ,diameter_mm", f"{UID_A},-140.0,110.5,-305.25,-1",
+                        f"{UID_B},-120.125,100.0,-290.0,3.75"]
+    annotations = (out / "labelsTr" / "annotations.csv").read_text().splitlines()
+    assert len(annotations) == 3 and annotations[1].startswith(f"{UID_A},") and UID_ELSEWHERE not in "".join(annotations)
+    assert json.loads((out / "dataset.json").read_text())["luna16_reference"] == {
+        "annotations": "labelsTr/annotations.csv", "annotations_excluded": "labelsTr/annotations_excluded.csv"}
+
+
+def test_luna16_without_excluded_findings(luna16_source: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(luna16_source / "evaluationScript")
+    with pytest.raises(ConversionError, match=r"no file matches convert\.excluded_findings '\*\*/annotations_excluded"
+                                              r"\.csv'.*evaluationScript\.zip of Zenodo record 3723295"):
+        convert_dataset("luna16", luna16_source, tmp_path / "converted", show_progress=False)
+    assert not (tmp_path / "converted").exists()
+    out = convert_dataset("luna16", luna16_source, tmp_path / "converted", {"excluded_findings": None},
+                          show_progress=False)
+    assert not (out / "labelsTr" / "annotations_excluded.csv").exists()
+    assert (out / "labelsTr" / "annotations.csv").is_file()
+    assert json.loads((out / "dataset.json").read_text())["luna16_reference"]["annotations_excluded"] is None
+
+
+def test_luna16_differing_copies_of_excluded_findings(luna16_source: Path, tmp_path: Path) -> None:
+    (luna16_source / "annotations_excluded.csv").write_text(EXCLUDED_TEXT)  # an identical copy counts once
+    convert_dataset("luna16", luna16_source, tmp_path / "a", show_progress=False)
+    (luna16_source / "annotations_excluded.csv").write_text(EXCLUDED_TEXT.replace("3.75", "3.5"))
+    with pytest.raises(ConversionError, match=r"annotations_excluded\.csv: differs from"):
+        convert_dataset("luna16", luna16_source, tmp_path / "b", show_progress=False)

@@ -113,6 +113,19 @@ def cmd_export_luna16(args: argparse.Namespace) -> None:
     print(f"{args.out}: {rows} candidates")
 
 
+def cmd_luna16_cpm(args: argparse.Namespace) -> None:
+    from pretrain_det3d.data.converters.luna16 import reference_tables
+    from pretrain_det3d.evaluation.luna16_cpm import evaluate_luna16_csv
+
+    cases = [case for fold in args.folds for case in _validation_cases(args.splits, fold)]
+    annotations, excluded = reference_tables(args.converted)
+    if excluded is None:
+        log.warning("%s: no annotations_excluded.csv; hits on LUNA16's excluded findings count as false positives",
+                    args.converted)
+    result = evaluate_luna16_csv(args.candidates, annotations, excluded, cases, args.out_json, args.out_froc)
+    print(f"{args.out_json}: LUNA16 CPM {result.cpm:.4f} over {result.num_scans} scans, {result.num_nodules} nodules")
+
+
 def cmd_check_dataset(args: argparse.Namespace) -> None:
     import dataclasses
 
@@ -369,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", type=Path, required=True)
     p.add_argument("--fold", type=int, required=True)
     p.add_argument("--out", type=Path, required=True)
+
+    p = verb("luna16-cpm", cmd_luna16_cpm, "LUNA16's own score (CPM) and FROC curve of exported candidates CSVs")
+    p.add_argument("--candidates", type=Path, nargs="+", required=True, help="export-luna16 CSVs (one per fold)")
+    p.add_argument("--converted", type=Path, required=True, help="the converted LUNA16 dataset (reference tables)")
+    p.add_argument("--splits", type=Path, required=True)
+    p.add_argument("--folds", type=int, nargs="+", required=True, help="folds whose validation scans are scored")
+    p.add_argument("--out-json", type=Path, required=True)
+    p.add_argument("--out-froc", type=Path, required=True)
 
     p = verb("check-dataset", cmd_check_dataset, "check a dataset in the converted format")
     p.add_argument("--root", type=Path, required=True)

@@ -163,15 +163,46 @@ def fold_models(wildcards):
     )
 
 
+def luna16_datasets():
+    """The study's datasets converted with the LUNA16 converter (they get LUNA16's own CSV and score)."""
+    return [d for d in STUDY["datasets"] if config["datasets"][d].get("converter") == "luna16"]
+
+
 def luna16_exports():
     """LUNA16's own CSV format, for every dataset converted with the LUNA16 converter."""
-    datasets = [d for d in STUDY["datasets"] if config["datasets"][d].get("converter") == "luna16"]
     return expand(
         "results/luna16/{arch}/{init}/{dataset}/fold{fold}.csv",
         arch=STUDY["detectors"],
         init=STUDY["initialisations"],
-        dataset=datasets,
+        dataset=luna16_datasets(),
         fold=STUDY["folds"],
+    )
+
+
+def luna16_cpm_folds(wildcards):
+    """The folds a LUNA16 score covers: one fold, or all of the study's folds pooled (as LUNA16 scores a CV)."""
+    return list(STUDY["folds"]) if wildcards.scope == "pooled" else [int(wildcards.scope.removeprefix("fold"))]
+
+
+def luna16_cpm_candidates(wildcards):
+    return expand(
+        "results/luna16/{arch}/{init}/{dataset}/fold{fold}.csv",
+        arch=wildcards.arch,
+        init=wildcards.init,
+        dataset=wildcards.dataset,
+        fold=luna16_cpm_folds(wildcards),
+    )
+
+
+def luna16_scores():
+    """LUNA16's own score (CPM, FROC curve) per fold and over the study's folds pooled."""
+    return expand(
+        "results/luna16/{arch}/{init}/{dataset}/{scope}_{kind}",
+        arch=STUDY["detectors"],
+        init=STUDY["initialisations"],
+        dataset=luna16_datasets(),
+        scope=[f"fold{f}" for f in STUDY["folds"]] + ["pooled"],
+        kind=("cpm.json", "froc.csv"),
     )
 
 
@@ -215,7 +246,7 @@ def learning_curve_figures():
 
 
 def final_outputs():
-    return luna16_exports() + test_metric_files() + report_outputs() + learning_curve_figures() + [
+    return luna16_exports() + luna16_scores() + test_metric_files() + report_outputs() + learning_curve_figures() + [
         "results/tables/main_results.csv",
         "results/tables/main_results.md",
     ]

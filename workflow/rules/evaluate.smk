@@ -43,3 +43,29 @@ rule export_luna16:
     shell:
         "exec python -m pretrain_det3d.utils.attempt_log export_luna16 {log:q} python -m pretrain_det3d export-luna16 --predictions {input.predictions} --converted {input.converted} "
         "--splits {input.splits} --fold {wildcards.fold} --out {output}"
+
+
+rule luna16_cpm:
+    input:
+        candidates=luna16_cpm_candidates,
+        splits=f"{DATA}/preprocessed/{{dataset}}/splits.json",
+        converted=f"{DATA}/converted/{{dataset}}",
+    output:
+        score="results/luna16/{arch}/{init}/{dataset}/{scope}_cpm.json",
+        froc="results/luna16/{arch}/{init}/{dataset}/{scope}_froc.csv",
+    wildcard_constraints:
+        scope=r"fold\d+|pooled",
+    params:
+        folds=lambda w: " ".join(str(f) for f in luna16_cpm_folds(w)),
+    log:
+        "results/logs/luna16_cpm/{arch}/{init}/{dataset}/{scope}.log",
+    benchmark:
+        "results/benchmarks/luna16_cpm/{arch}/{init}/{dataset}/{scope}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("luna16_cpm")
+    resources:
+        **rule_resources("luna16_cpm"),
+    shell:
+        "exec python -m pretrain_det3d.utils.attempt_log luna16_cpm {log:q} python -m pretrain_det3d luna16-cpm --candidates {input.candidates} --converted {input.converted} "
+        "--splits {input.splits} --folds {params.folds} --out-json {output.score} --out-froc {output.froc}"

@@ -11,8 +11,12 @@ whose centres lie within ``diameter_mm / 2`` of the centre (distances in mm, so 
 direction matrix are honoured; the direction is orthonormal, so ``|D (s * di)| = |s * di|``). A nodule smaller
 than a voxel still marks the voxel that holds its centre. Where two spheres overlap, the voxel stays with the
 first nodule in file order. Cases are named by their seriesuid (what LUNA16's evaluation expects); scans
-without nodules are kept as negatives. ``annotations_excluded.csv`` (findings the LUNA16 evaluation ignores) is
-not used for the labels.
+without nodules are kept as negatives.
+
+``annotations_excluded.csv`` (the LIDC readers' other findings, which LUNA16's own score ignores; it comes in the
+record's ``evaluationScript.zip``) is not used for the labels. The converter keeps it beside them, with the
+reference nodules, for :mod:`pretrain_det3d.evaluation.luna16_cpm`: ``labelsTr/annotations.csv`` and
+``labelsTr/annotations_excluded.csv`` hold the source's rows of the converted scans, as written there.
 
 Example:
     >>> LUNA16Converter().convert("raw/luna16", "converted/luna16")  # doctest: +SKIP
@@ -20,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +33,60 @@ import SimpleITK as sitk
 
 from pretrain_det3d.data.converters.base import CONVERTERS, ConvertedCase, ConversionError, DatasetConverter, case_from_sitk
 from pretrain_det3d.data.errors import DatasetFormatError
-from pretrain_det3d.data.io import read_image
+from pretrain_det3d.data.io import LABELS_DIR, list_case_ids, read_image
 from pretrain_det3d.settings.converters import LUNA16ConvertSettings
 
 ANNOTATIONS_FILE = "annotations.csv"
 ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 #: where the scans lie relative to the source root (the subsets' zips hold a folder named like the zip)
 DEFAULT_IMAGE_GLOBS = LUNA16ConvertSettings.default("image_globs")
+DEFAULT_EXCLUDED_GLOB = LUNA16ConvertSettings.default("excluded_findings")
+#: LUNA16's reference tables, kept in the converted dataset's labelsTr/ (rows of the converted scans only)
+REFERENCE_ANNOTATIONS = "annotations.csv"
+REFERENCE_EXCLUDED = "annotations_excluded.csv"
+
+
+def reference_tables(converted_root: str | Path) -> tuple[Path, Path | None]:
+    """The reference nodules and excluded findings a LUNA16 conversion kept (the second is None if it kept none).
+
+    Example:
+        >>> reference_tables("results/data/converted/luna16")  # doctest: +SKIP
+        (PosixPath('.../labelsTr/annotations.csv'), PosixPath('.../labelsTr/annotations_excluded.csv'))
+    """
+    labels = Path(converted_root) / LABELS_DIR
+    annotations, excluded = labels / REFERENCE_ANNOTATIONS, labels / REFERENCE_EXCLUDED
+    if not annotations.is_file():
+        raise ConversionError.for_file(annotations, "missing: LUNA16's score needs the reference nodules that the "
+                                                    "luna16 converter keeps (convert the dataset again)")
+    return annotations, excluded if excluded.is_file() else None
+
+
+def find_excluded_findings(source_dir: Path, pattern: str) -> Path:
+    """The one ``annotations_excluded.csv`` below ``source_dir`` matching ``pattern`` (identical copies count once)."""
+    found = sorted(path for path in source_dir.glob(pattern) if path.is_file())
+    if not found:
+        raise ConversionError.for_file(
+            source_dir, f"no file matches convert.excluded_findings {pattern!r}: LUNA16's excluded findings come in "
+            "evaluationScript.zip of Zenodo record 3723295 (add it to the source's files:), or set "
+            "convert.excluded_findings: null to convert without them (LUNA16's score then counts hits on them as "
+            "false positives)")
+    if len({path.read_bytes() for path in found}) > 1:
+        raise ConversionError.for_file(found[0], f"differs from {found[1:]}; which excluded findings to use is "
+                                                 "unclear: set convert.excluded_findings to one of them")
+    return found[0]
+
+
+def _copy_rows(source: Path, target: Path, seriesuids: set[str]) -> int:
+    """Copy the header and the rows of ``seriesuids`` of a LUNA16 CSV, text unchanged; return the rows copied."""
+    with open(source, newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows or any(c not in rows[0] for c in ANNOTATION_COLUMNS):
+        raise ConversionError.for_file(source, f"missing columns; expected {list(ANNOTATION_COLUMNS)}")
+    column = rows[0].index("seriesuid")
+    kept = [row for row in rows[1:] if row and row[column] in seriesuids]
+    with open(target, "w", newline="") as handle:
+        csv.writer(handle).writerows([rows[0], *kept])
+    return len(kept)
 
 
 def read_luna16_annotations(path: str | Path) -> pd.DataFrame:
@@ -76,7 +128,8 @@ def sphere_mask(image: sitk.Image, centre_xyz_mm: tuple[float, float, float], di
 
 @CONVERTERS.register("luna16")
 class LUNA16Converter(DatasetConverter):
-    """Settings: ``image_globs`` (list of glob patterns under the source root, default :data:`DEFAULT_IMAGE_GLOBS`)."""
+    """Settings: ``image_globs`` (list of glob patterns under the source root, default :data:`DEFAULT_IMAGE_GLOBS`),
+    ``excluded_findings`` (glob of ``annotations_excluded.csv``, default :data:`DEFAULT_EXCLUDED_GLOB`; null: none)."""
 
     dataset_name = "luna16"
     modalities = ("CT",)
@@ -121,6 +174,18 @@ class LUNA16Converter(DatasetConverter):
             instances[instance_id] = 0
         return case_from_sitk(case_id, [image], instance_map, instances)
 
+    def write_extra_files(self, source_dir: Path, root: Path) -> None:
+        """LUNA16's reference tables, restricted to the converted scans, into ``labelsTr/``."""
+        pattern = self.settings.get("excluded_findings", DEFAULT_EXCLUDED_GLOB)
+        excluded = find_excluded_findings(source_dir, pattern) if pattern is not None else None
+        uids = set(list_case_ids(root))
+        _copy_rows(source_dir / ANNOTATIONS_FILE, root / LABELS_DIR / REFERENCE_ANNOTATIONS, uids)
+        if excluded is not None:
+            _copy_rows(excluded, root / LABELS_DIR / REFERENCE_EXCLUDED, uids)
+        self._reference = {"annotations": f"{LABELS_DIR}/{REFERENCE_ANNOTATIONS}",
+                           "annotations_excluded": f"{LABELS_DIR}/{REFERENCE_EXCLUDED}" if excluded else None}
+
     def dataset_extra(self) -> dict:
         return {"conversion": "nodules of annotations.csv as spheres (diameter_mm) around world centres; "
-                              "case id = seriesuid; geometry of the .mhd kept"}
+                              "case id = seriesuid; geometry of the .mhd kept",
+                "luna16_reference": getattr(self, "_reference", None)}
