@@ -147,3 +147,24 @@ def test_cli_verb_rewrites_readme_with_config_order(results, tmp_path, capsys):
     assert cli_main(["demo-table", "--main-results", str(results), "--readme", str(readme),
                      "--config", str(config)]) == 1
     assert "needs exactly one" in capsys.readouterr().err
+
+
+def test_chance_level_is_the_last_row_under_every_detector(results, tmp_path):
+    import json
+
+    root = tmp_path / "metrics"
+    for fold, ap in ((0, 0.01), (1, 0.03)):
+        path = root / "chance" / "synth" / f"fold{fold}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({AP: ap, MAP: 0.002, FROC: 0.0, "draws": 20}))
+    chance = demo_table.read_chance_levels(root, ["synth", "other"])
+    assert set(chance) == {"synth"}  # a dataset without chance files gets no row
+    assert chance["synth"][AP][0] == pytest.approx(0.02) and chance["synth"][AP][1] == pytest.approx(0.0141421, 1e-4)
+    text = demo_table.render_table(demo_table.read_main_results(results), ["scratch", "mae", "voco"],
+                                   ["retina_unet", "deformable_detr"], chance=chance)
+    assert text.splitlines()[-1] == ("| random boxes (chance level) | 0.020 ± 0.014 | 0.002 ± 0.000 | 0.000 ± 0.000 "
+                                     "| 0.020 ± 0.014 | 0.002 ± 0.000 | 0.000 ± 0.000 |")
+    assert text.splitlines()[:-1] == EXPECTED.splitlines()
+    (root / "chance" / "synth" / "fold1.json").write_text("{}")
+    with pytest.raises(DemoTableError, match="fold1.json: expected a chance-level record"):
+        demo_table.read_chance_levels(root, ["synth"])

@@ -10,7 +10,7 @@ import pytest
 
 from pretrain_det3d.benchmark.quality import (
     AP_KEY, CURVE_FILE, FROC_KEY, MAP_KEY, PEER, RANDOM, RECORD_FILE, QualitySettings, eval_iterations,
-    format_quality_table, metrics_with_intervals, random_boxes,
+    format_quality_table, metrics_with_intervals,
 )
 from pretrain_det3d.cli import main
 from pretrain_det3d.evaluation.run import CaseBoxes, evaluate_cases
@@ -32,21 +32,6 @@ def test_settings_refuse_unknown_keys_and_impossible_values():
     with pytest.raises(ValueError, match="'detectors': unknown \\['yolo'\\]"):
         QualitySettings.from_mapping({"detectors": ["yolo"]})
     assert QualitySettings.from_mapping({"iterations": 10}).iterations == 10
-
-
-def test_random_boxes_lie_inside_the_image_with_training_box_sizes():
-    sizes = np.array([[2.0, 3.0, 4.0], [6.0, 6.0, 6.0]])
-    boxes = random_boxes((10, 20, 30), sizes, 500, [0, 1], np.random.default_rng(3))
-    assert boxes.boxes.shape == (500, 6)
-    assert (boxes.boxes[:, :3] >= 0).all() and (boxes.boxes[:, 3:] <= np.array([10, 20, 30])).all()
-    extents = boxes.boxes[:, 3:] - boxes.boxes[:, :3]
-    drawn = {tuple(np.round(e, 6)) for e in extents}
-    assert drawn == {(2.0, 3.0, 4.0), (6.0, 6.0, 6.0)}  # every size is a training size, both are used
-    assert set(boxes.labels.tolist()) == {0, 1}
-    assert (np.diff(boxes.scores) <= 0).all()  # best score first, as detectors return them
-    # a box larger than the image is clipped to the image
-    big = random_boxes((4, 4, 4), np.array([[9.0, 2.0, 2.0]]), 3, [0], np.random.default_rng(0))
-    assert np.allclose(big.boxes[:, 0], 0) and np.allclose(big.boxes[:, 3], 4)
 
 
 def test_metrics_with_intervals_match_the_evaluation_and_hand_worked_intervals():

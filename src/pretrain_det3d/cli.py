@@ -251,6 +251,23 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                    extra=extra)
 
 
+def cmd_chance_level(args: argparse.Namespace) -> None:
+    from pretrain_det3d.evaluation.chance import DEFAULT_BOXES_PER_CASE, DEFAULT_DRAWS, run_chance_level
+
+    splits = json.loads(Path(args.splits).read_text())
+    if not 0 <= args.fold < len(splits):
+        raise ValueError(f"{args.splits}: fold {args.fold} does not exist (the file holds {len(splits)} folds)")
+    unknown = sorted(set(args.settings) - {"draws", "boxes_per_case", "seed"})
+    if unknown:
+        raise ValueError(f"chance-level --settings: unknown keys {unknown} (known: boxes_per_case, draws, seed)")
+    result = run_chance_level(args.converted, splits[args.fold]["train"], splits[args.fold]["val"], args.out_json,
+                              draws=int(args.settings.get("draws", DEFAULT_DRAWS)),
+                              boxes_per_case=int(args.settings.get("boxes_per_case", DEFAULT_BOXES_PER_CASE)),
+                              seed=int(args.settings.get("seed", 0)))
+    print(f"{args.out_json}: random boxes reach AP@0.1 {result['AP_IoU_0.10_MaxDet_100']:.3f} "
+          f"(mean of {result['draws']} draws)")
+
+
 def cmd_aggregate(args: argparse.Namespace) -> None:
     from pretrain_det3d.analysis.aggregate import run_aggregation
 
@@ -515,6 +532,13 @@ def build_parser() -> argparse.ArgumentParser:
     study_inputs(p)
     p.add_argument("--out-png", type=Path, required=True)
     p.add_argument("--out-pdf", type=Path, required=True)
+
+    p = verb("chance-level", cmd_chance_level, "metrics of boxes placed at random on a fold's validation cases")
+    p.add_argument("--converted", type=Path, required=True, help="the converted dataset")
+    p.add_argument("--splits", type=Path, required=True)
+    p.add_argument("--fold", type=int, required=True)
+    p.add_argument("--out-json", type=Path, required=True)
+    p.add_argument("--settings", type=_settings, default={}, help="draws (20), boxes_per_case (100), seed (0)")
 
     p = verb("learning-curve", cmd_learning_curve, "draw one fine-tuning run's training losses and validation AP")
     p.add_argument("--log", type=Path, required=True, help="the run's log.csv")

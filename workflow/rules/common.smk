@@ -245,11 +245,17 @@ def learning_curve_figures():
             for path in fold_metric_files()]
 
 
+def chance_level_files():
+    """The chance level (random boxes) of every dataset and fold of the study."""
+    return expand("results/metrics/chance/{dataset}/fold{fold}.json", dataset=STUDY["datasets"], fold=STUDY["folds"])
+
+
 def final_outputs():
-    return luna16_exports() + luna16_scores() + test_metric_files() + report_outputs() + learning_curve_figures() + [
+    return (luna16_exports() + luna16_scores() + test_metric_files() + report_outputs() + learning_curve_figures()
+            + chance_level_files() + [
         "results/tables/main_results.csv",
         "results/tables/main_results.md",
-    ]
+    ])
 
 
 def parse_metric_path(path):

@@ -69,3 +69,24 @@ rule luna16_cpm:
     shell:
         "exec python -m pretrain_det3d.utils.attempt_log luna16_cpm {log:q} python -m pretrain_det3d luna16-cpm --candidates {input.candidates} --converted {input.converted} "
         "--splits {input.splits} --folds {params.folds} --out-json {output.score} --out-froc {output.froc}"
+
+
+# What boxes placed at random score on a fold's validation cases: the level a detector must clear.
+rule chance_level:
+    input:
+        splits=f"{DATA}/preprocessed/{{dataset}}/splits.json",
+        converted=f"{DATA}/converted/{{dataset}}",
+    output:
+        "results/metrics/chance/{dataset}/fold{fold}.json",
+    params:
+        settings=as_json({"seed": config["seed"]}),
+    log:
+        "results/logs/chance_level/{dataset}/fold{fold}.log",
+    conda:
+        CONDA_ENV
+    threads: rule_threads("evaluate")
+    resources:
+        **rule_resources("evaluate"),
+    shell:
+        "exec python -m pretrain_det3d.utils.attempt_log chance_level {log:q} python -m pretrain_det3d chance-level --converted {input.converted} --splits {input.splits} "
+        "--fold {wildcards.fold} --settings {params.settings:q} --out-json {output}"

@@ -79,14 +79,51 @@ def _cell(mean: float, std: float) -> str:
     return f"{mean:.{DECIMALS}f}"
 
 
+#: row label of the chance level (``evaluation.chance``) under the initialisations
+CHANCE_ROW = "random boxes (chance level)"
+
+
+def read_chance_levels(metrics_root: str | os.PathLike | None, datasets: Sequence[str],
+                       metrics: Sequence[str] = tuple(SUMMARY_METRICS)) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per dataset, the chance level of each metric as (mean over folds, sample std over folds; NaN for one fold),
+    from ``{metrics_root}/chance/{dataset}/fold*.json``; datasets without such files are left out.
+
+    Example:
+        >>> read_chance_levels("results/metrics", ["synth_lesions"])  # doctest: +SKIP
+        {'synth_lesions': {'AP_IoU_0.10_MaxDet_100': (0.012, nan), ...}}
+    """
+    import json
+
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    if metrics_root is None:
+        return out
+    for dataset in datasets:
+        files = sorted((Path(metrics_root) / "chance" / dataset).glob("fold*.json"))
+        if not files:
+            continue
+        values = {metric: [] for metric in metrics}
+        for path in files:
+            try:
+                record = json.loads(path.read_text())
+                for metric in metrics:
+                    values[metric].append(float(record[metric]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise DemoTableError(f"{path}: expected a chance-level record with {list(metrics)}") from None
+        out[dataset] = {metric: (float(pd.Series(v).mean()), float(pd.Series(v).std()) if len(v) > 1 else math.nan)
+                        for metric, v in values.items()}
+    return out
+
+
 def render_table(table: pd.DataFrame, initialisations: Sequence[str] = (), detectors: Sequence[str] = (),
-                 metrics: dict[str, str] = SUMMARY_METRICS) -> str:
+                 metrics: dict[str, str] = SUMMARY_METRICS,
+                 chance: dict[str, dict[str, tuple[float, float]]] | None = None) -> str:
     """Markdown: one row per initialisation, per detector one column per metric (the mean over folds).
 
     Rows and detectors follow ``initialisations`` / ``detectors`` where given, then the CSV's order (without
     ``initialisations``, ``scratch`` comes first). A cell is
     ``mean`` for one fold, ``mean ± std`` for several, ``n/a`` where undefined or absent. Several datasets give
-    one table each, headed by the dataset's name.
+    one table each, headed by the dataset's name. ``chance`` (``read_chance_levels``) adds a last row per dataset
+    with the chance level, the same under every detector.
 
     Example:
         >>> t = pd.DataFrame({"detector": ["retina_unet"], "initialisation": ["scratch"], "dataset": ["d"],
@@ -119,6 +156,11 @@ def render_table(table: pd.DataFrame, initialisations: Sequence[str] = (), detec
                     std = float(row[f"{metric}_std"]) if f"{metric}_std" in row.index else float("nan")
                     cells.append(_cell(float(row[f"{metric}_mean"]), std))
             lines.append("| " + " | ".join(cells) + " |")
+        if chance and dataset in chance:
+            cells = [CHANCE_ROW]
+            for _ in detector_names:
+                cells += [_cell(*chance[dataset].get(metric, (math.nan, math.nan))) for metric in metrics]
+            lines.append("| " + " | ".join(cells) + " |")
         text = "\n".join(lines)
         blocks.append(f"`{dataset}`:\n\n{text}" if len(datasets) > 1 else text)
     return "\n\n".join(blocks)
@@ -138,14 +180,17 @@ def run_date(main_results: str | os.PathLike, metrics_root: str | os.PathLike | 
 
 
 def render_block(table: pd.DataFrame, date: RunDate, csv_name: str, initialisations: Sequence[str] = (),
-                 detectors: Sequence[str] = ()) -> str:
+                 detectors: Sequence[str] = (), chance: dict[str, dict[str, tuple[float, float]]] | None = None) -> str:
     """The README block between the markers: provenance line, then the table."""
     folds = sorted({int(n) for n in table["num_folds"].dropna()})
     fold_text = ("mean over " + "/".join(str(n) for n in folds) + " fold" + ("" if folds == [1] else "s")
                  + " per cell") if folds else "folds unknown"
     provenance = (f"Run of {date.date.isoformat()} (UTC, {date.source}); {fold_text}. "
                   f"Written by `{COMMAND}` (`python -m pretrain_det3d demo-table`) from `{csv_name}`.")
-    return provenance + "\n\n" + render_table(table, initialisations, detectors)
+    if chance:
+        provenance += (" The last row is the chance level: 100 boxes per case placed at random with training-box "
+                       "sizes (`evaluation.chance`, mean of its draws).")
+    return provenance + "\n\n" + render_table(table, initialisations, detectors, chance=chance)
 
 
 def replace_block(text: str, block: str, name: str = "README.md") -> str:
@@ -199,7 +244,8 @@ def write_demo_table(main_results: str | os.PathLike = "results/tables/main_resu
     table = read_main_results(main_results)
     when = RunDate(date, "given on the command line") if date is not None else run_date(main_results, metrics_root)
     initialisations, detectors = study_order(config)
-    block = render_block(table, when, Path(main_results).as_posix(), initialisations, detectors)
+    chance = read_chance_levels(metrics_root, _ordered(table["dataset"]))
+    block = render_block(table, when, Path(main_results).as_posix(), initialisations, detectors, chance)
     if not dry_run:
         update_readme(readme, block)
     return block

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import yaml
 
+from pretrain_det3d.evaluation.chance import random_boxes
 from pretrain_det3d.evaluation.run import CaseBoxes, evaluate_cases
 from pretrain_det3d.training.trainer import DetectorTrainer, TrainingSettings, seed_everything
 from pretrain_det3d.utils.atomic import atomic_path, write_json
@@ -155,31 +156,6 @@ def prepare_data(out_dir: Path, settings: QualitySettings) -> QualityData:
         sizes.append(boxes[:, 3:] - boxes[:, :3])
     return QualityData(preprocessed, train, test, ground_truth, images, list(range(int(plan["num_classes"]))),
                        np.concatenate(sizes) if sizes else np.zeros((0, 3)))
-
-
-# ---- the random-box level --------------------------------------------------------------------------------------
-def random_boxes(shape: Sequence[int], box_sizes: np.ndarray, count: int, class_ids: Sequence[int],
-                 rng: np.random.Generator) -> CaseBoxes:
-    """``count`` boxes placed uniformly at random inside an image of ``shape`` (z, y, x), each with the size of a
-    training box drawn at random (a cube of a quarter of the smallest side when there are none), a random class
-    and a uniform random score: what a detector that learned nothing but the box sizes reaches.
-
-    Example:
-        >>> boxes = random_boxes((32, 32, 32), np.array([[4.0, 4.0, 4.0]]), 5, [0, 1], np.random.default_rng(0))
-        >>> boxes.boxes.shape, bool((boxes.boxes[:, 3:] <= 32).all())
-        ((5, 6), True)
-    """
-    shape_array = np.asarray(shape, dtype=np.float64)
-    if len(box_sizes):
-        sizes = np.asarray(box_sizes, dtype=np.float64)[rng.integers(0, len(box_sizes), size=count)]
-    else:
-        sizes = np.full((count, 3), shape_array.min() / 4)
-    sizes = np.minimum(sizes, shape_array)
-    starts = rng.uniform(0.0, 1.0, size=(count, 3)) * (shape_array - sizes)
-    labels = np.asarray(class_ids, dtype=np.int64)[rng.integers(0, len(class_ids), size=count)]
-    scores = rng.uniform(0.0, 1.0, size=count)
-    order = np.argsort(-scores, kind="stable")
-    return CaseBoxes(np.concatenate([starts, starts + sizes], axis=1)[order], labels[order], scores[order])
 
 
 # ---- metrics with case-bootstrap intervals ---------------------------------------------------------------------
