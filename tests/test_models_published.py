@@ -14,7 +14,11 @@ import torch
 
 from pretrain_det3d.models.backbone import build_resenc_unet
 from pretrain_det3d.models.checkpoint import read_pretraining_checkpoint, save_pretraining_checkpoint
-from pretrain_det3d.models.published import PublishedCheckpointError, fetch_published_checkpoint
+from pretrain_det3d.models.published import (
+    PublishedCheckpointError,
+    fetch_published_checkpoint,
+    native_release_target_key,
+)
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +108,25 @@ def test_unsafe_pickle_is_refused_naming_the_source_without_unsafe_advice(tmp_pa
     assert "weights_only=False" not in message and "weights_only` set to `False" not in message
     assert ".tmp" not in message  # the hidden temporary it was read from is gone; it must not be named
     assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_native_release_layout_maps_the_chosen_stem_level0_shift_and_ufpn_names() -> None:
+    # nnDetection's names (DetSegModel_TL.py, fpn.py) -> NativeRetinaUNet's, worked by hand
+    cases = {
+        "stem.351_0.0.weight": "encoder.levels.0.component.0.conv.weight",
+        "stem.351_0.1.weight": "encoder.levels.0.component.0.norm.weight",
+        "backbone.levels.0.component.0.norm.bias": "encoder.levels.0.component.1.norm.bias",
+        "backbone.levels.3.component.1.conv.weight": "encoder.levels.3.component.1.conv.weight",
+        "decoder.lateral.P4.0.conv.bias": "decoder.lateral.4.bias",
+        "decoder.out.P0.0.conv.weight": "decoder.out.0.weight",
+        "decoder.up.P1.conv.weight": "decoder.up.0.weight",
+    }
+    for key, target in cases.items():
+        assert native_release_target_key(key, "stem.351_0") == target, key
+    # not loaded: another dataset's stem, a stem part beyond conv/norm, MultiTalent's segmentation layers,
+    # a second lateral conv, an upsampling into level 0
+    for key in ("stem.004.0.weight", "stem.351_0.2.weight", "seg_layers.351_0.weight",
+                "decoder.lateral.P1.1.conv.weight", "decoder.up.P0.conv.weight"):
+        assert native_release_target_key(key, "stem.351_0") is None, key
+    # a chosen stem that is a prefix of another stem's name does not take that stem's weights
+    assert native_release_target_key("stem.3510.0.weight", "stem.351") is None

@@ -131,7 +131,8 @@ def test_detector_constructor_defaults_are_the_settings_defaults(name):
     cls = get_detector_class(name)
     settings = DETECTOR_SETTINGS[name]
     parameters = inspect.signature(cls.__init__).parameters
-    keywords = set(parameters) - {"self", "in_channels", "num_classes", "preset"}
+    keywords = {k for k, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD} - \
+        {"self", "in_channels", "num_classes", "preset"}
     assert keywords <= set(settings.model_keywords()), keywords - set(settings.model_keywords())
     for key in keywords:
         default = parameters[key].default

@@ -14,6 +14,7 @@ import importlib
 DETECTOR_MODULES: dict[str, str] = {
     "retina_unet": "pretrain_det3d.models.retina_unet",
     "deformable_detr": "pretrain_det3d.models.deformable_detr",
+    "retina_unet_native": "pretrain_det3d.models.native_retina_unet",
 }
 
 #: pre-training method name -> module whose import registers it in ``pretraining.METHODS``
@@ -41,6 +42,9 @@ CONVERTER_MODULES: dict[str, str] = {
     "kits21": "pretrain_det3d.data.converters.kits21",
     "msd_pancreas": "pretrain_det3d.data.converters.msd_pancreas",
     "pn9": "pretrain_det3d.data.converters.pn9",
+    # your own data: an nnDetection task folder, an nnU-Net v2 dataset
+    "nndetection_task": "pretrain_det3d.data.converters.nndetection_task",
+    "nnunetv2_dataset": "pretrain_det3d.data.converters.nnunetv2_dataset",
 }
 
 #: figures of the report (``analysis.outputs.FIGURES``): results/figures/{name}.png and .pdf

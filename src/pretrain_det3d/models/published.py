@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,6 +26,68 @@ LOGGER = logging.getLogger(__name__)
 
 #: keys a published-checkpoint entry may hold
 ENTRY_KEYS = ("url", "path", "sha256", "description", "licence")
+
+
+#: The authors' native Retina U-Net checkpoint (nnDetection docs/finetuning.md: "the encoder and FPN decoder of a
+#: Retina U-Net, without the detection heads"), for detector ``retina_unet_native``.
+NATIVE_MULTITALENT_URL = (
+    "https://huggingface.co/MIC-DKFZ/RetinaUNet-MissingPiece-MultiTalent/resolve/main/checkpoint_final.pth"
+)
+#: its default stem (the CT stem, docs/finetuning.md section 3.4); ``stem.<id>`` prefixes, one per source dataset
+NATIVE_MULTITALENT_DEFAULT_STEM = "stem.351_0"
+#: the network it fixes, as ``architecture_plans.arch_kwargs`` keys (nndet/conf/train/model_cfg/
+#: retinaunet_l1_focal_atss_ms_ema_for_ConvBackboneMultiTalent.yaml ``backbone_kwargs``; used for keys a
+#: checkpoint's plan lacks)
+NATIVE_MULTITALENT_ARCH_KWARGS: dict[str, Any] = {
+    "features_per_stage": [32, 64, 128, 256, 320, 320],
+    "kernel_sizes": [3, 3, 3, 3, 3, 3],
+    "strides": [2, 2, 2, 2, 2],
+    "fpn_channels": 128,
+    "decoder_levels": [2, 3, 4, 5],
+}
+
+_UFPN_LATERAL = re.compile(r"decoder\.lateral\.P(\d+)\.0\.conv\.(weight|bias)")
+_UFPN_OUT = re.compile(r"decoder\.out\.P(\d+)\.0\.conv\.(weight|bias)")
+_UFPN_UP = re.compile(r"decoder\.up\.P(\d+)\.conv\.weight")
+_LEVEL0 = re.compile(r"backbone\.levels\.0\.component\.(\d+)\.(.+)")
+_STEM_PARTS = {"0": "conv", "1": "norm"}  # the stem is nn.Sequential(conv, norm): numeric names
+
+
+def native_release_target_key(key: str, stem: str) -> str | None:
+    """Where a tensor of the released native checkpoint goes in ``NativeRetinaUNet``, or ``None`` (not loaded).
+
+    The release's layout (nnDetection ``nndet/ptmodule/retinaunet/DetSegModel_TL.py``): ``<stem>.0`` /
+    ``<stem>.1`` are the chosen stem's conv and norm, which become level 0's first block; the checkpoint's
+    ``backbone.levels.0.component.<j>`` is level 0's block ``j + 1``; other ``backbone.*`` keys keep their
+    names (under ``encoder.``); the UFPN keeps nnDetection's names under ``decoder.`` (``lateral.P<l>.0.conv``,
+    ``out.P<l>.0.conv``, ``up.P<l>.conv``), which map to ``decoder.lateral.<l>``, ``decoder.out.<l>`` and
+    ``decoder.up.<l - 1>``. Other stems, segmentation layers and anything else give ``None``.
+
+    Example:
+        >>> native_release_target_key("stem.351_0.1.bias", "stem.351_0")
+        'encoder.levels.0.component.0.norm.bias'
+        >>> native_release_target_key("backbone.levels.0.component.0.conv.weight", "stem.351_0")
+        'encoder.levels.0.component.1.conv.weight'
+        >>> native_release_target_key("decoder.up.P3.conv.weight", "stem.351_0")
+        'decoder.up.2.weight'
+        >>> native_release_target_key("stem.004.0.weight", "stem.351_0") is None
+        True
+    """
+    if key.startswith(stem + "."):
+        index, _, rest = key[len(stem) + 1:].partition(".")
+        part = _STEM_PARTS.get(index)
+        return f"encoder.levels.0.component.0.{part}.{rest}" if part and rest else None
+    if (match := _LEVEL0.fullmatch(key)):
+        return f"encoder.levels.0.component.{int(match[1]) + 1}.{match[2]}"
+    if key.startswith("backbone."):
+        return "encoder." + key[len("backbone."):]
+    if (match := _UFPN_LATERAL.fullmatch(key)):
+        return f"decoder.lateral.{match[1]}.{match[2]}"
+    if (match := _UFPN_OUT.fullmatch(key)):
+        return f"decoder.out.{match[1]}.{match[2]}"
+    if (match := _UFPN_UP.fullmatch(key)) and int(match[1]) > 0:
+        return f"decoder.up.{int(match[1]) - 1}.weight"
+    return None
 
 
 class PublishedCheckpointError(ValueError):

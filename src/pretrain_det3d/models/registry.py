@@ -49,12 +49,19 @@ def get_detector_class(name: str) -> type:
 
 
 def detector_build_kwargs(
-    name: str, settings: dict[str, Any], in_channels: int, num_classes: int, plan: dict[str, Any]
+    name: str, settings: dict[str, Any], in_channels: int, num_classes: int, plan: dict[str, Any],
+    init_checkpoint: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """JSON-able constructor arguments of detector ``name`` (what :func:`save_detector` records)."""
+    """JSON-able constructor arguments of detector ``name`` (what :func:`save_detector` records).
+
+    ``init_checkpoint`` reaches ``build_kwargs_from_settings`` when that hook takes it (a detector whose
+    network the checkpoint fixes, e.g. ``retina_unet_native``); other detectors do not see it.
+    """
     cls = get_detector_class(name)
     if hasattr(cls, "build_kwargs_from_settings"):
-        kwargs = cls.build_kwargs_from_settings(settings, in_channels, num_classes, plan)
+        hook = cls.build_kwargs_from_settings
+        extra = {"init_checkpoint": init_checkpoint} if "init_checkpoint" in inspect.signature(hook).parameters else {}
+        kwargs = hook(settings, in_channels, num_classes, plan, **extra)
     else:
         # Generic rule: the constructor keywords found in ``settings`` plus the channel and class counts.
         accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "in_channels", "num_classes"}
@@ -68,16 +75,28 @@ def detector_build_kwargs(
 
 
 def build_detector(
-    name: str, settings: dict[str, Any], in_channels: int, num_classes: int, plan: dict[str, Any]
+    name: str, settings: dict[str, Any], in_channels: int, num_classes: int, plan: dict[str, Any],
+    init_checkpoint: str | os.PathLike | None = None,
 ) -> nn.Module:
     """Build detector ``name``; its constructor arguments are kept at ``model.build_kwargs``.
 
-    ``plan`` is the preprocessed dataset's ``plan.json`` (anchor planning reads ``"box_sizes"``).
+    ``plan`` is the preprocessed dataset's ``plan.json`` (anchor planning reads ``"box_sizes"``);
+    ``init_checkpoint`` is the checkpoint the model will be initialised from, for detectors whose network it fixes.
     """
-    kwargs = detector_build_kwargs(name, settings, in_channels, num_classes, plan)
+    kwargs = detector_build_kwargs(name, settings, in_channels, num_classes, plan, init_checkpoint)
     model = get_detector_class(name)(**kwargs)
     model.build_kwargs = kwargs
     return model
+
+
+def transfer_pretrained(model: nn.Module, path: str | os.PathLike):
+    """Initialise ``model`` from a pre-training checkpoint: the model's own ``load_pretrained(path)`` where it has
+    one (a detector with its own checkpoint layout), otherwise the stem and encoder transfer of
+    :func:`~pretrain_det3d.models.checkpoint.load_pretrained_encoder`. Returns the ``TransferReport``."""
+    from pretrain_det3d.models.checkpoint import load_pretrained_encoder
+
+    loader = getattr(model, "load_pretrained", None)
+    return loader(path) if callable(loader) else load_pretrained_encoder(model, path)
 
 
 def save_detector(

@@ -38,6 +38,9 @@ class DetectorSettings(TrainingSettings):
         "16-mixed), 'auto' (bf16 where the GPU has it) or 'bfloat16'.")
     grad_clip: float | None = Field(None, gt=0, description="Gradient-norm clipping; null: off (the release "
                                     "clips nothing).")
+    initialisations: list[str] | None = Field(
+        None, description="Initialisations this detector runs with (scratch, methods, published checkpoints); "
+        "default: study.initialisations. The native Retina U-Net takes only scratch and its own checkpoint.")
 
     @classmethod
     def model_keywords(cls) -> list[str]:
@@ -139,10 +142,43 @@ class DeformableDETRSettings(DetectorSettings):
     score_threshold: float = Field(0.0, ge=0, le=1, description="Per-tile score threshold at inference.")
 
 
+class NativeRetinaUNetSettings(RetinaUNetSettings):
+    """nnDetection's native Retina U-Net (``models.native_retina_unet.NativeRetinaUNet``): the planned plain conv
+    encoder and UFPN of ``retinaunet_focal_v002_for_ConvBackboneMultiTalent``, the heads and losses of
+    ``retina_unet``.
+
+    Without a checkpoint the encoder is planned from the dataset (``models.native_planning``); with the released
+    checkpoint its architecture comes from the checkpoint (as the release's ``--load_adapt_plan``) and the
+    width keys below are not used. ``head_strides`` does not apply (the plan fixes the head levels).
+    """
+
+    # the release's sgd99_restart trainer: SGD Nesterov with momentum 0.99 (its restart at 0.9 on NaN is not
+    # implemented; docs/settings.md)
+    momentum: float = Field(0.99, ge=0, lt=1, description="SGD momentum (Nesterov).")
+    architecture: dict[str, Any] | None = Field(
+        None, description="Explicit network (conv_kernels, strides, decoder_levels, start_channels, max_channels, "
+        "fpn_channels; models.native_planning.NativeArchitecture); default: planned from the dataset, or fixed by "
+        "the checkpoint.")
+    start_channels: int = Field(32, gt=0, description="Width of the first encoder level; doubled per level up to "
+                                "max_channels (nnDetection's BoxC002 / ConvBackbone). Planned networks only.")
+    max_channels: int = Field(320, gt=0, description="Widest encoder level. Planned networks only.")
+    convs_per_level: int = Field(2, ge=1, description="Conv-InstanceNorm-LeakyReLU blocks per encoder level, the "
+                                 "first strided (ConvBackbone's num_conv). Planned networks only.")
+    max_patch_voxels: int = Field(128**3, gt=0, description="Planner fit rule: the planned patch shrinks until "
+                                  "it has at most this many voxels (nnDetection measures GPU memory instead).")
+    stem: str | None = Field(None, description="Checkpoint stem to load (a MultiTalent checkpoint holds one per "
+                             "source dataset, e.g. 'stem.004'); default: the checkpoint's key_to_stem (the "
+                             "release's stem_override).")
+    transfer_decoder: bool = Field(True, description="Also load the checkpoint's FPN decoder (the release's "
+                                   "DetSegModel_TL); false: encoder and stem only, decoder random (the release "
+                                   "config's default module DetSegModel_TL_MultiTalentStem).")
+
+
 #: registered detector name -> its settings class (``catalog.DETECTOR_MODULES`` names the same detectors)
 DETECTOR_SETTINGS: dict[str, type[DetectorSettings]] = {
     "retina_unet": RetinaUNetSettings,
     "deformable_detr": DeformableDETRSettings,
+    "retina_unet_native": NativeRetinaUNetSettings,
 }
 
 

@@ -89,15 +89,15 @@ def run_finetuning(
     ``settings`` holds the training keys of ``TrainingSettings`` (iterations, batch_size, patch_size,
     optimizer, lr, momentum, weight_decay, warmup_iterations, grad_clip, checkpoint_every, num_workers,
     augmentation, foreground_fraction, device, threads) and whatever the detector reads. With
-    ``init_checkpoint`` the stem and encoder stages are copied from that pre-training checkpoint; everything
+    ``init_checkpoint`` the stem and encoder stages are copied from that pre-training checkpoint (a detector
+    with its own ``load_pretrained``, the native Retina U-Net, loads its release's layout instead); everything
     is then trained from the first iteration (the warm-up protects the transferred weights). Reruns resume
     from ``{out_dir}/checkpoint_latest.pth`` when it was written by this same run (fingerprint: settings, build
     arguments, ``init_checkpoint``'s sha256, the fold's training cases, seed, versions), and otherwise raise
     ``StaleCheckpointError`` (see ``training.trainer``). ``log_path`` defaults to ``{out_dir}/log.csv``.
     Returns the path of the final model.
     """
-    from pretrain_det3d.models.checkpoint import load_pretrained_encoder
-    from pretrain_det3d.models.registry import build_detector, get_detector_class
+    from pretrain_det3d.models.registry import build_detector, get_detector_class, transfer_pretrained
 
     root = Path(preprocessed_root)
     out_dir = Path(out_dir)
@@ -112,13 +112,14 @@ def run_finetuning(
     training = TrainingSettings.from_settings(settings, **getattr(get_detector_class(detector), "training_defaults", {}))
 
     seed_everything(seed)  # the detector's random initialisation depends on it
-    model = build_detector(detector, dict(settings), in_channels, num_classes, plan)
+    # a detector whose network the checkpoint fixes (retina_unet_native) reads its architecture from it
+    model = build_detector(detector, dict(settings), in_channels, num_classes, plan, init_checkpoint)
     extra: dict[str, Any] = {"fold": fold, "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint)}
     # what `detect` (inference.detect) needs to preprocess new scans as this run's training cases were
     extra["preprocessed_root"] = str(root)
     extra["preprocessing_plan"] = {key: plan[key] for key in PLAN_KEYS_FOR_INFERENCE if key in plan}
     if init_checkpoint is not None:
-        report = load_pretrained_encoder(model, init_checkpoint)
+        report = transfer_pretrained(model, init_checkpoint)
         counts = {"loaded": len(report.loaded_keys), "skipped": len(report.skipped_keys),
                   "adapted": len(report.adapted_keys)}
         LOGGER.info("encoder transfer from %s: %s (skipped: %s; adapted: %s)", init_checkpoint, counts,
