@@ -117,6 +117,39 @@ class CTAAConvertSettings(Settings):
     strict: bool = Field(False, description="Stop at a case whose mask does not match its image instead of "
                          "skipping it (skipped cases are listed in conversion_report.json).")
 
+    @property
+    def writes_test_cases(self) -> bool:
+        """Whether the conversion writes held-out test cases (a test subset is chosen)."""
+        return any(subset != "train" for subset in self.subsets)
+
+
+class NNDetectionTaskConvertSettings(Settings):
+    """Your own data in nnDetection's raw format: a Task folder (dataset.json or dataset.yaml, raw_splitted/)."""
+
+    raw_folder: str | None = Field(None, description="Folder of imagesTr/labelsTr below the source folder; "
+                                   "default: raw_splitted if present, else the source folder itself.")
+    test_cases: bool = Field(True, description="Convert imagesTs/labelsTs (where labelled) as held-out test cases.")
+    name: str | None = Field(None, description="Dataset name in the converted dataset.json; default: the task's.")
+    licence: str = Field("not stated", description="Licence recorded in the converted dataset.json.")
+
+
+class NNUNetV2DatasetConvertSettings(Settings):
+    """Your own data as an nnU-Net v2 dataset (dataset.json with channel_names, labels, file_ending)."""
+
+    instances: Literal["components", "instance_map"] = Field(
+        "components", description="Instances as connected components of the chosen labels (one class per label), "
+        "or the label maps are instance maps already (each value one instance, one class).")
+    classes: tuple[str, ...] = Field((), description="Label names of dataset.json to detect, one class each, in "
+                                     "this order (instances 'components'); empty: every label but background.")
+    class_name: str = Field("lesion", description="Name of the one class (instances 'instance_map').")
+    connectivity: Connectivity = Field(26, description="Connectivity of the components (instances 'components').")
+    min_extent_mm: float = Field(0.0, ge=0, description="Size filter, nnDetection's convention: padded box sides "
+                                 "(n+1) x spacing must exceed it off the slice axis; 0 keeps all.")
+    test_cases: bool = Field(True, description="Convert imagesTs cases that have a label in labelsTs as held-out "
+                             "test cases.")
+    name: str | None = Field(None, description="Dataset name in the converted dataset.json; default: the folder's.")
+    licence: str = Field("not stated", description="Licence recorded in the converted dataset.json.")
+
 
 #: registered converter name -> its settings class (``catalog.CONVERTER_MODULES`` names the same converters)
 CONVERTER_SETTINGS: dict[str, type[Settings]] = {
@@ -128,7 +161,23 @@ CONVERTER_SETTINGS: dict[str, type[Settings]] = {
     "msd_pancreas": MSDPancreasConvertSettings,
     "duke_breast": DukeBreastConvertSettings,
     "cta_a": CTAAConvertSettings,
+    "nndetection_task": NNDetectionTaskConvertSettings,
+    "nnunetv2_dataset": NNUNetV2DatasetConvertSettings,
 }
+
+
+def converter_writes_test_cases(name: str, convert: dict | None) -> bool:
+    """Whether converter ``name`` with the ``convert:`` settings ``convert`` writes held-out test cases
+    (``imagesTs``/``labelsTs``); a settings class says so with a ``writes_test_cases`` property.
+
+    Example:
+        >>> converter_writes_test_cases("cta_a", {"subsets": ["train"]}), converter_writes_test_cases("cta_a", {})
+        (False, True)
+    """
+    settings_class = CONVERTER_SETTINGS.get(name)
+    if settings_class is None:
+        return False
+    return bool(getattr(settings_class.parse(convert or {}, where=f"convert ({name})"), "writes_test_cases", False))
 
 
 def converter_settings_class(name: str, where: str = "datasets") -> type[Settings]:
