@@ -167,3 +167,18 @@ def test_unknown_settings_layout_and_repeated_names_are_refused(cta_source: Path
                                               r"'train'"):
         convert_dataset("cta_a", cta_source, tmp_path / "converted", show_progress=False)
     assert not (tmp_path / "converted").exists()
+
+
+def test_workflow_evaluates_the_test_subsets_as_held_out_cases() -> None:
+    # the study schedules test-case prediction and evaluation for a dataset whose converter writes test cases
+    import yaml
+
+    from conftest import REPO
+    from pretrain_det3d.config import datasets_with_test_cases
+
+    config = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    assert "cta_a" in datasets_with_test_cases(config)
+    config["datasets"]["cta_a"]["convert"]["subsets"] = ["train"]
+    assert "cta_a" not in datasets_with_test_cases(config)
+    config["datasets"]["cta_a"]["convert"]["subsets"] = ["train", "external_test"]
+    assert datasets_with_test_cases(config) == ["cta_a"]

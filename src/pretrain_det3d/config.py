@@ -172,9 +172,14 @@ def postprocessing_settings(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def datasets_with_test_cases(config: dict[str, Any]) -> list[str]:
-    """The study's datasets that hold held-out test cases (``imagesTs``/``labelsTs``): today the synthetic ones
-    with ``num_test_cases`` > 0 (no converter writes test cases yet; one that does would be listed here)."""
+    """The study's datasets that hold held-out test cases (``imagesTs``/``labelsTs``): synthetic ones with
+    ``num_test_cases`` > 0, and converted ones whose converter writes test cases with their ``convert:`` settings
+    (CTA-A's test subsets)."""
+    from pretrain_det3d.settings.converters import converter_writes_test_cases
+
     return [
         name for name in config["study"]["datasets"]
         if int((config["datasets"][name].get("synthetic") or {}).get("num_test_cases", 0) or 0) > 0
+        or converter_writes_test_cases(str(config["datasets"][name].get("converter") or ""),
+                                       config["datasets"][name].get("convert"))
     ]
