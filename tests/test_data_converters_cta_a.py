@@ -160,6 +160,8 @@ def test_unknown_settings_layout_and_repeated_names_are_refused(cta_source: Path
         convert_dataset("cta_a", cta_source, tmp_path / "converted", settings={"images_dir": "images"})
     with pytest.raises(ConversionError, match=r"'convert \(cta_a\)\.subsets\[0\]': Input should be "):
         convert_dataset("cta_a", cta_source, tmp_path / "converted", settings={"subsets": ["test"]})
+    with pytest.raises(ConversionError, match=r"'convert \(cta_a\)\.subsets': .*must include 'train'"):
+        convert_dataset("cta_a", cta_source, tmp_path / "converted", settings={"subsets": ["internal_test"]})
     with pytest.raises(ConversionError, match=r"imagesTr: folder is missing; CTA-A \(Zenodo 6801398\) holds"):
         convert_dataset("cta_a", tmp_path / "raw" / "CTA-A" / "labelsTr", tmp_path / "converted", show_progress=False)
     write_nifti(cta_source / "CTA-A" / "imagesTs_internal" / "Tr0003.nii.gz", ct(9))

@@ -104,12 +104,19 @@ class DukeBreastConvertSettings(Settings):
                                       "0 or 1.")
 
 
+def _with_training_cases(subsets: tuple[str, ...]) -> tuple[str, ...]:
+    if "train" not in subsets:
+        raise ValueError(f"must include 'train' (the study trains on imagesTr), got {list(subsets)}")
+    return subsets
+
+
 class CTAAConvertSettings(Settings):
     """CTA-A (Zenodo 6801398): imagesTr/labelsTr plus the internal and external test folders."""
 
-    subsets: tuple[Literal["train", "internal_test", "external_test"], ...] = Field(
-        ("train", "internal_test", "external_test"), min_length=1, description="Which folders to convert: "
-        "imagesTr (training cases), imagesTs_internal and imagesTs_external (held-out test cases).")
+    subsets: Annotated[tuple[Literal["train", "internal_test", "external_test"], ...],
+                       AfterValidator(_with_training_cases)] = Field(
+        ("train", "internal_test", "external_test"), description="Which folders to convert: imagesTr (training "
+        "cases, always), imagesTs_internal and imagesTs_external (held-out test cases).")
     instances: Literal["components", "values"] = Field("components", description="Instances as connected "
                                                        "components of the foreground, or one per label value.")
     connectivity: Connectivity = Field(6, description="Connectivity of the components (nnDetection's CTA "
