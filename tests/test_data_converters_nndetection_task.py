@@ -20,7 +20,7 @@ from pretrain_det3d.data.io import read_case
 
 def test_task_folder_converts_as_it_is(tmp_path: Path) -> None:
     task = write_nndetection_task(tmp_path / "src")
-    out = convert_dataset("nndetection_task", task, tmp_path / "converted", {"licence": "CC-BY-4.0"},
+    out = convert_dataset("nndetection_task", task, tmp_path / "converted", {"licence": "CC-BY-4.0", "test_cases": True},
                           show_progress=False)
     summary = check_converted_dataset(out)
     assert summary.case_ids == ["case_a", "case_b"] and summary.test_case_ids == ["case_t"]
@@ -45,9 +45,8 @@ def test_task_folder_converts_as_it_is(tmp_path: Path) -> None:
 
 def test_options_name_and_no_test_cases(tmp_path: Path) -> None:
     task = write_nndetection_task(tmp_path / "src")
-    out = convert_dataset("nndetection_task", task, tmp_path / "converted", {"name": "mine", "test_cases": False},
-                          show_progress=False)
-    assert check_converted_dataset(out).test_case_ids == []
+    out = convert_dataset("nndetection_task", task, tmp_path / "converted", {"name": "mine"}, show_progress=False)
+    assert check_converted_dataset(out).test_case_ids == []  # test cases only when asked for
     assert json.loads((out / "dataset.json").read_text())["name"] == "mine"
     # the raw_splitted folder itself, with the description copied in, converts the same
     raw = task / "raw_splitted"
@@ -66,6 +65,11 @@ def test_bad_task_folders_are_named(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match=r"case_a\.json: classes \{1: 2\}"):
         convert_dataset("nndetection_task", task, tmp_path / "out", show_progress=False)
     (labels / "case_a.json").write_text(json.dumps({"instances": {"1": 1, "3": 0}}))
+    import shutil
+
+    shutil.rmtree(task / "raw_splitted" / "labelsTs")
+    with pytest.raises(ConversionError, match=r"raw_splitted: convert\.test_cases is true but imagesTs/ and labelsTs/"):
+        convert_dataset("nndetection_task", task, tmp_path / "out", {"test_cases": True}, show_progress=False)
     (task / "raw_splitted" / "imagesTr" / "case_b_0001.nii.gz").unlink()
     with pytest.raises(ConversionError, match=r"imagesTr: case 'case_b' lacks channel\(s\) \[1\]"):
         convert_dataset("nndetection_task", task, tmp_path / "out", show_progress=False)

@@ -31,7 +31,7 @@ def convert(source: Path, out: Path, settings: dict | None = None) -> Path:
 
 def test_components_of_chosen_labels(tmp_path: Path) -> None:
     source = write_nnunetv2_dataset(tmp_path / "src")
-    out = convert(source, tmp_path / "out", {"classes": ["tumour", "cyst"]})
+    out = convert(source, tmp_path / "out", {"classes": ["tumour", "cyst"], "test_cases": True})
     summary = check_converted_dataset(out)
     assert summary.case_ids == ["case_a", "case_b"] and summary.test_case_ids == ["case_t"]  # case_u has no label
     assert summary.class_names == ["tumour", "cyst"] and summary.modalities == ["CT"]
@@ -55,6 +55,7 @@ def test_connectivity_size_filter_and_default_classes(tmp_path: Path) -> None:
     # no classes given: every label but background, in the order of their values
     everything = convert(source, tmp_path / "all")
     assert check_converted_dataset(everything).class_names == ["organ", "tumour", "cyst"]
+    assert check_converted_dataset(everything).test_case_ids == []  # test cases only when asked for
     assert boxes_and_classes(everything, "case_a") == ([ORGAN, A, B, C, CYST], [0, 1, 1, 1, 2])
 
 
@@ -95,7 +96,7 @@ def test_import_converters_work_from_a_config_entry_alone(tmp_path: Path, snakem
         "my_task": {"source": "my_task", "converter": "nndetection_task", "modality": "CT",
                     "convert": {"licence": "CC-BY-4.0"}},
         "my_tumours": {"source": "my_tumours", "converter": "nnunetv2_dataset", "modality": "CT",
-                       "convert": {"classes": ["tumour", "cyst"], "min_extent_mm": 2.0}},
+                       "convert": {"classes": ["tumour", "cyst"], "min_extent_mm": 2.0, "test_cases": True}},
     })
     config["sources"] = {
         "my_task": {"title": "My task", "homepage": "https://example.org", "licence": "CC-BY-4.0", "access": "open",
@@ -113,3 +114,8 @@ def test_import_converters_work_from_a_config_entry_alone(tmp_path: Path, snakem
     assert boxes_and_classes(converted / "my_tumours", "case_a") == ([A, C, CYST], [0, 0, 1])
     check = json.loads((tmp_path / "work" / "results" / "data" / "checks" / "my_tumours.json").read_text())
     assert check["case_ids"] == ["case_a", "case_b"] and check["test_case_ids"] == ["case_t"]
+    # in a study, the one with test cases gets the test-set target, the other does not
+    from pretrain_det3d.config import datasets_with_test_cases
+
+    config["study"]["datasets"] = ["my_task", "my_tumours"]
+    assert datasets_with_test_cases(config) == ["my_tumours"]

@@ -135,9 +135,15 @@ class NNDetectionTaskConvertSettings(Settings):
 
     raw_folder: str | None = Field(None, description="Folder of imagesTr/labelsTr below the source folder; "
                                    "default: raw_splitted if present, else the source folder itself.")
-    test_cases: bool = Field(True, description="Convert imagesTs/labelsTs (where labelled) as held-out test cases.")
+    test_cases: bool = Field(False, description="Convert the labelled imagesTs/labelsTs cases as held-out test "
+                             "cases, scored as the study's test set (nnDetection's test_labels: true).")
     name: str | None = Field(None, description="Dataset name in the converted dataset.json; default: the task's.")
     licence: str = Field("not stated", description="Licence recorded in the converted dataset.json.")
+
+    @property
+    def writes_test_cases(self) -> bool:
+        """Whether the conversion writes held-out test cases."""
+        return self.test_cases
 
 
 class NNUNetV2DatasetConvertSettings(Settings):
@@ -152,10 +158,15 @@ class NNUNetV2DatasetConvertSettings(Settings):
     connectivity: Connectivity = Field(26, description="Connectivity of the components (instances 'components').")
     min_extent_mm: float = Field(0.0, ge=0, description="Size filter, nnDetection's convention: padded box sides "
                                  "(n+1) x spacing must exceed it off the slice axis; 0 keeps all.")
-    test_cases: bool = Field(True, description="Convert imagesTs cases that have a label in labelsTs as held-out "
-                             "test cases.")
+    test_cases: bool = Field(False, description="Convert the imagesTs cases that have a label in labelsTs as "
+                             "held-out test cases, scored as the study's test set.")
     name: str | None = Field(None, description="Dataset name in the converted dataset.json; default: the folder's.")
     licence: str = Field("not stated", description="Licence recorded in the converted dataset.json.")
+
+    @property
+    def writes_test_cases(self) -> bool:
+        """Whether the conversion writes held-out test cases."""
+        return self.test_cases
 
 
 #: registered converter name -> its settings class (``catalog.CONVERTER_MODULES`` names the same converters)

@@ -134,12 +134,19 @@ class NNDetectionTaskConverter(DatasetConverter):
         self._cases = {case: (files, False) for case, files in
                        channel_files(self._raw / "imagesTr", NIFTI_SUFFIX, len(self.modalities)).items()}
         self._test_ids: list[str] = []
-        if self.settings.get("test_cases", True) and (self._raw / "imagesTs").is_dir() \
-                and (self._raw / "labelsTs").is_dir():
+        if self.settings.get("test_cases", False):  # the study then scores them as its test set
+            if not (self._raw / "imagesTs").is_dir() or not (self._raw / "labelsTs").is_dir():
+                raise ConversionError.for_file(self._raw, "convert.test_cases is true but imagesTs/ and labelsTs/ are "
+                                                      "not both there")
             for case, files in channel_files(self._raw / "imagesTs", NIFTI_SUFFIX, len(self.modalities)).items():
                 if (self._raw / "labelsTs" / f"{case}{NIFTI_SUFFIX}").is_file():
-                    self._cases.setdefault(case, (files, True))
+                    if case in self._cases:
+                        raise ConversionError.for_file(self._raw / "imagesTs", f"case {case!r} is also a training case")
+                    self._cases[case] = (files, True)
                     self._test_ids.append(case)
+            if not self._test_ids:
+                raise ConversionError.for_file(self._raw / "labelsTs", "convert.test_cases is true but no test case "
+                                                                   "has a label here")
         self._without_voxels: dict[str, list[int]] = {}
 
     def list_cases(self, source_dir: Path) -> list[str]:

@@ -123,12 +123,19 @@ class NNUNetV2DatasetConverter(DatasetConverter):
             raise ConversionError.for_file(path, f"numTraining is {expected} but imagesTr holds {len(self._cases)} "
                                                  "cases")
         self._test_ids: list[str] = []
-        if self.settings.get("test_cases", True) and (source_dir / "imagesTs").is_dir() \
-                and (source_dir / "labelsTs").is_dir():
+        if self.settings.get("test_cases", False):  # the study then scores them as its test set
+            if not (source_dir / "imagesTs").is_dir() or not (source_dir / "labelsTs").is_dir():
+                raise ConversionError.for_file(source_dir, "convert.test_cases is true but imagesTs/ and labelsTs/ are "
+                                                      "not both there")
             for case, files in channel_files(source_dir / "imagesTs", self._suffix, len(self.modalities)).items():
                 if (source_dir / "labelsTs" / f"{case}{self._suffix}").is_file():
-                    self._cases.setdefault(case, (files, True))
+                    if case in self._cases:
+                        raise ConversionError.for_file(source_dir / "imagesTs", f"case {case!r} is also a training case")
+                    self._cases[case] = (files, True)
                     self._test_ids.append(case)
+            if not self._test_ids:
+                raise ConversionError.for_file(source_dir / "labelsTs", "convert.test_cases is true but no test case "
+                                                                   "has a label here")
         self._dropped: dict[str, list[dict[str, Any]]] = {}
 
     def list_cases(self, source_dir: Path) -> list[str]:
