@@ -297,9 +297,10 @@ def test_scans_are_preprocessed_exactly_as_the_training_cases(tmp_path) -> None:
         assert scan.name == case
         array, reference = read_scan(scan)
         geometry = scan_geometry(reference)
-        image = preprocess_scan(array, geometry["original_spacing"], run.plan)
+        image, crop = preprocess_scan(array, geometry["original_spacing"], run.plan)
         stored, _, meta = read_preprocessed_case(preprocessed, case, mmap=False)
         np.testing.assert_array_equal(image, stored)
+        assert crop == {key: meta[key] for key in ("crop_bbox", "cropped_shape")}
         assert geometry["original_shape"] == meta["original_shape"]
         assert geometry["origin"] == meta["origin"] and geometry["direction"] == meta["direction"]
 

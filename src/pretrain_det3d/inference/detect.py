@@ -2,9 +2,9 @@
 
 A fine-tuning run ``results/finetune/{detector}/{init}/{dataset}`` holds one ``fold{k}/model_final.pth`` per
 cross-validation fold. :func:`run_detection` loads the folds asked for (all by default), reads every scan of
-the input, preprocesses it with the run's plan exactly as the training cases were preprocessed (normalise with
-the plan's per-channel schemes, then resample onto the plan's target spacing: the same functions as
-``data.preprocessing``), predicts with all folds together (``inference.sliding_window.predict_case``: each model
+the input, preprocesses it with the run's plan exactly as the training cases were preprocessed (crop to the
+non-zero region, resample onto the plan's target spacing, normalise with the plan's per-channel schemes: the
+same function, ``data.preprocessing.preprocess_arrays``), predicts with all folds together (``inference.sliding_window.predict_case``: each model
 with each mirroring is one source of nnDetection's weighted box clustering), maps the boxes back onto the input
 scan's voxel grid (``data.preprocessing.map_boxes_to_original``) and into world coordinates
 (``inference.predict.world_centres``, whose box convention is the project's one).
@@ -59,7 +59,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from pretrain_det3d.data.preprocessing import PLAN_FILE, map_boxes_to_original, normalise, resample_image, resampled_shape
+from pretrain_det3d.data.preprocessing import PLAN_FILE, map_boxes_to_original, preprocess_arrays
 from pretrain_det3d.inference.predict import world_centres
 from pretrain_det3d.settings.study import InferenceSettings
 from pretrain_det3d.utils.atomic import atomic_path, write_json
@@ -431,13 +431,16 @@ def scan_geometry(image: sitk.Image) -> dict[str, Any]:
     }
 
 
-def preprocess_scan(image: np.ndarray, spacing_zyx: Sequence[float], plan: Mapping[str, Any]) -> np.ndarray:
-    """Normalise ``[C, Z, Y, X]`` with the plan's schemes and resample it onto the plan's target spacing: the steps
-    and functions with which ``data.preprocessing`` prepared the training cases."""
+def preprocess_scan(
+    image: np.ndarray, spacing_zyx: Sequence[float], plan: Mapping[str, Any]
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Crop, resample and normalise ``[C, Z, Y, X]`` with the plan: the steps and functions with which
+    ``data.preprocessing`` prepared the training cases (``preprocess_arrays``). Returns the image and its crop
+    (``crop_bbox``, ``cropped_shape``), which ``map_boxes_to_original`` needs besides the scan's geometry."""
     if image.shape[0] != len(plan["normalisation"]):
         raise ValueError(f"the scan has {image.shape[0]} channel(s), the plan {len(plan['normalisation'])}")
-    new_shape = resampled_shape(image.shape[1:], spacing_zyx, plan["target_spacing"])
-    return resample_image(normalise(image, plan["normalisation"]), new_shape)
+    image, _, geometry = preprocess_arrays(image, None, spacing_zyx, plan)
+    return image, {"crop_bbox": geometry["crop_bbox"], "cropped_shape": geometry["cropped_shape"]}
 
 
 # ---- prediction and outputs --------------------------------------------------------------------------------
@@ -580,7 +583,8 @@ def detect_scans(
         try:
             array, reference = read_scan(scan)
             geometry = scan_geometry(reference)
-            image = preprocess_scan(array, geometry["original_spacing"], run.plan)
+            image, crop = preprocess_scan(array, geometry["original_spacing"], run.plan)
+            geometry.update(crop)
         except (ValueError, OSError, RuntimeError) as error:  # DatasetFormatError, ConversionError are ValueErrors
             reason = _one_line(error)
             where = str(scan.origin or scan.name)

@@ -59,7 +59,8 @@ from pretrain_det3d.utils.atomic import atomic_directory, atomic_path, write_jso
 SWEEP_ORDER = ("nms_iou", "weighted_nms", "wbc_iou", "score_threshold", "min_box_size")
 #: what a prediction keeps of the preprocessed case's record to map boxes back (``map_boxes_to_original``,
 #: ``world_centres``)
-META_KEYS = ("case_id", "shape", "original_shape", "original_spacing", "spacing", "origin", "direction")
+META_KEYS = ("case_id", "shape", "original_shape", "original_spacing", "spacing", "origin", "direction", "crop_bbox",
+             "cropped_shape")
 RAW_SUFFIX = ".npz"
 RAW_FORMAT_VERSION = 1
 #: folder of a preprocessed dataset that holds its preprocessed held-out test cases
@@ -460,11 +461,11 @@ def preprocess_test_cases(
     converted_root: str | os.PathLike, plan_json: str | os.PathLike, out_dir: str | os.PathLike
 ) -> list[str]:
     """Preprocess the held-out test cases (``imagesTs``) with a dataset's plan, as its training cases were
-    (normalise with the plan's schemes, resample onto its target spacing): ``{out_dir}/{case}.npy`` and
+    (``data.preprocessing.preprocess_arrays``: crop, resample, normalise): ``{out_dir}/{case}.npy`` and
     ``{case}.json`` (the geometry of ``META_KEYS``). Nothing of the plan comes from the test cases. Returns the
     case ids; the folder is replaced atomically."""
     from pretrain_det3d.data.io import list_case_ids, read_case
-    from pretrain_det3d.data.preprocessing import normalise, resample_image, resampled_shape
+    from pretrain_det3d.data.preprocessing import preprocess_arrays
 
     plan = json.loads(Path(plan_json).read_text())
     case_ids = list_case_ids(converted_root, test=True)
@@ -472,14 +473,14 @@ def preprocess_test_cases(
         for case in tqdm(case_ids, desc="preprocess test cases", unit="case"):
             data = read_case(converted_root, case, test=True)
             original_shape = tuple(int(s) for s in data.image.shape[1:])
-            new_shape = resampled_shape(original_shape, data.spacing, plan["target_spacing"])
-            image = resample_image(normalise(data.image, plan["normalisation"]), new_shape)
+            image, _, geometry = preprocess_arrays(data.image, None, data.spacing, plan)
             with atomic_path(tmp / f"{case}.npy") as path:
                 np.save(path, image)
             write_json(tmp / f"{case}.json", {
-                "case_id": case, "shape": list(new_shape), "original_shape": list(original_shape),
+                "case_id": case, "shape": geometry["shape"], "original_shape": list(original_shape),
                 "original_spacing": list(data.spacing), "spacing": [float(s) for s in plan["target_spacing"]],
                 "origin": list(data.origin), "direction": list(data.direction),
+                "crop_bbox": geometry["crop_bbox"], "cropped_shape": geometry["cropped_shape"],
             })
     return case_ids
 

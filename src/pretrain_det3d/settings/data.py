@@ -69,14 +69,30 @@ class SyntheticCorpusSettings(Settings):
 
 
 class PreprocessingSettings(Settings):
-    """Preprocessing of a labelled dataset (``data.preprocessing.run_preprocessing``)."""
+    """Preprocessing of a labelled dataset (``data.preprocessing.run_preprocessing``): nnDetection's plan through
+    nnunetv2's functions (sources per key in docs/settings.md)."""
 
-    target_spacing: Spacing | None = Field(None, description="Target spacing [z, y, x] mm; default: the median.")
-    num_workers: int = Field(1, gt=0, description="Worker processes.")
+    target_spacing: Spacing | None = Field(None, description="Target spacing [z, y, x] mm; default: nnDetection's "
+                                           "rule (the median; the coarse axis of an anisotropic dataset gets the "
+                                           "10th percentile of its spacings).")
+    force_separate_z: bool | None = Field(False, description="Resample the coarse axis separately with order 0 "
+                                          "(nnU-Net's 'separate z'): false never (nnDetection), true always, "
+                                          "null by nnU-Net's rule (an axis more than anisotropy_threshold times "
+                                          "coarser than the finest).")
+    anisotropy_threshold: float = Field(3.0, gt=1, description="Coarse/fine spacing ratio above which a dataset "
+                                        "counts as anisotropic (target spacing rule, separate z).")
+    num_workers: int = Field(1, gt=0, description="Worker processes (each holds one case at a time).")
+    memory_gb: float | None = Field(None, gt=0, description="Memory (GiB) the workers' cases may use together; "
+                                    "default: 80 % of the SLURM job's memory, else of the machine's.")
     foreground_intensity_samples: int = Field(10_000, gt=0, description="Foreground voxels sampled per case and "
                                               "channel for the CT intensity statistics.")
     foreground_locations: int = Field(1_000, ge=0, description="Foreground locations stored per case "
                                       "(for foreground oversampling).")
+    split_seed: int = Field(12345, description="Seed of the cross-validation folds (nnU-Net's "
+                            "generate_crossval_split).")
+    splits_file: str | None = Field(None, description="Folds fixed elsewhere instead: nnDetection's "
+                                    "splits_final.pkl or a JSON list of {train, val}; every case must be validated "
+                                    "exactly once and the fold count must be study.num_folds.")
 
 
 def _synthetic_kind(value: Any) -> str:
