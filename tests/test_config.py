@@ -8,7 +8,13 @@ import pytest
 import yaml
 
 from pretrain_det3d import catalog
-from pretrain_det3d.config import ConfigError, finetuning_settings, pretraining_settings, validate_config
+from pretrain_det3d.config import (
+    ConfigError,
+    detector_initialisations,
+    finetuning_settings,
+    pretraining_settings,
+    validate_config,
+)
 
 from conftest import REPO, SMOKE_CONFIG
 
@@ -34,6 +40,8 @@ def test_shipped_configs_are_valid(path):
         (lambda c: c.__setitem__("backbone", "resnet50"), "backbone", "resnet50"),
         (lambda c: c["datasets"]["smoke_lesions"].__setitem__("source", "ftp"), "datasets.smoke_lesions.source", "ftp"),
         (lambda c: c["study"]["folds"].append(7), "study.folds[1]", "7"),
+        (lambda c: c["detectors"]["retina_unet"].__setitem__("initialisations", ["scratch", "simclr"]),
+         "detectors.retina_unet.initialisations[1]", "simclr"),
     ],
 )
 def test_unknown_names_name_the_key(smoke, mutate, key, name):
@@ -51,6 +59,14 @@ def test_settings_merge_backbone_and_drop_class_name(smoke):
     assert "detector" not in settings and settings["iterations"] == smoke["detectors"]["retina_unet"]["iterations"]
     pre = pretraining_settings(smoke, "mae")
     assert pre["preset"] == smoke["backbone"] and "method" not in pre
+
+
+def test_detector_initialisations_default_to_the_study_and_stay_out_of_training_settings(smoke):
+    config = copy.deepcopy(smoke)
+    assert detector_initialisations(config, "retina_unet") == config["study"]["initialisations"]
+    config["detectors"]["retina_unet"]["initialisations"] = ["scratch"]
+    assert detector_initialisations(config, "retina_unet") == ["scratch"]
+    assert "initialisations" not in finetuning_settings(config, "retina_unet")
 
 
 def test_catalog_agrees_with_registries():

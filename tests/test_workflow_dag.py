@@ -25,8 +25,11 @@ def job_counts(stdout: str) -> dict[str, int]:
 
 
 def expected_grid(config: dict) -> int:
+    """Runs of the study: each detector with its own ``initialisations`` (else the study's) x datasets x folds."""
     study = config["study"]
-    return len(study["detectors"]) * len(study["initialisations"]) * len(study["datasets"]) * len(study["folds"])
+    runs = sum(len(config["detectors"][arch].get("initialisations") or study["initialisations"])
+               for arch in study["detectors"])
+    return runs * len(study["datasets"]) * len(study["folds"])
 
 
 @pytest.mark.parametrize("configfile", ["config/config.yaml", "config/paper.yaml", "tests/configs/smoke.yaml"])
@@ -39,8 +42,10 @@ def test_dry_run_resolves_the_grid(tmp_path, snakemake_runner, configfile):
     grid = expected_grid(config)
     assert counts["finetune"] == counts["predict"] == counts["evaluate"] == grid
     published = set(config["pretraining"].get("published") or {})
-    pretrained = [i for i in config["study"]["initialisations"] if i != "scratch" and i not in published]
-    fetched = [i for i in config["study"]["initialisations"] if i in published]
+    used = {i for arch in config["study"]["detectors"]
+            for i in config["detectors"][arch].get("initialisations") or config["study"]["initialisations"]}
+    pretrained = [i for i in used if i != "scratch" and i not in published]
+    fetched = [i for i in used if i in published]
     assert counts.get("pretrain", 0) == len(pretrained)
     assert counts.get("fetch_published_checkpoint", 0) == len(fetched)
     labelled_pretraining = {d["dataset"] for m in config["pretraining"]["methods"].values() for d in m.get("datasets", [])}

@@ -93,6 +93,14 @@ def validate_config(config: dict[str, Any]) -> None:
                 f"under 'pretraining.methods' ({_known(methods)}) or a checkpoint under 'pretraining.published' "
                 f"({_known(published)})"
             )
+    for arch in study["detectors"]:
+        for j, init in enumerate(detectors[arch].get("initialisations") or []):
+            if init != catalog.SCRATCH and init not in published and init not in methods:
+                raise ConfigError(
+                    f"config key 'detectors.{arch}.initialisations[{j}]': unknown initialisation {init!r}; use "
+                    f"'scratch', a method under 'pretraining.methods' ({_known(methods)}) or a checkpoint under "
+                    f"'pretraining.published' ({_known(published)})"
+                )
     for init, entry in methods.items():
         for j, labelled in enumerate(entry.get("datasets") or []):
             name = labelled.get("dataset") if isinstance(labelled, dict) else None
@@ -152,10 +160,23 @@ def pretraining_settings(config: dict[str, Any], init: str) -> dict[str, Any]:
     return {"preset": config["backbone"], **entry}
 
 
+def detector_initialisations(config: dict[str, Any], arch: str) -> list[str]:
+    """The initialisations detector entry ``arch`` runs with: its own ``initialisations`` list, else the study's.
+
+    Example:
+        >>> detector_initialisations({"study": {"initialisations": ["scratch", "mae"]},
+        ...                           "detectors": {"a": {}, "b": {"initialisations": ["scratch"]}}}, "b")
+        ['scratch']
+    """
+    own = config["detectors"][arch].get("initialisations")
+    return list(own) if own else list(config["study"]["initialisations"])
+
+
 def finetuning_settings(config: dict[str, Any], arch: str) -> dict[str, Any]:
     """Settings handed to ``training.finetune.run_finetuning`` for detector entry ``arch``."""
     entry = dict(config["detectors"][arch])
     entry.pop("detector", None)
+    entry.pop("initialisations", None)  # which runs exist, not how one trains
     return {"preset": config["backbone"], **entry}
 
 

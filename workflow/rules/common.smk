@@ -16,6 +16,7 @@ from pretrain_det3d.config import (
     ConfigError,
     converted_datasets,
     datasets_with_test_cases,
+    detector_initialisations,
     postprocessing_settings,
     synthetic_datasets,
     finetuning_settings,
@@ -113,11 +114,16 @@ def init_checkpoint(wildcards):
     return f"results/pretrain/{wildcards.init}/checkpoint_final.pth"
 
 
+def expand_runs(pattern, **wildcards):
+    """``expand`` over the study's runs: each detector with its initialisations (``detector_initialisations``:
+    its own ``initialisations`` list, else the study's), not the full product of detectors and initialisations."""
+    return [path for arch in STUDY["detectors"] for init in detector_initialisations(config, arch)
+            for path in expand(pattern, arch=arch, init=init, **wildcards)]
+
+
 def fold_metric_files():
-    return expand(
+    return expand_runs(
         "results/metrics/{arch}/{init}/{dataset}/fold{fold}.json",
-        arch=STUDY["detectors"],
-        init=STUDY["initialisations"],
         dataset=STUDY["datasets"],
         fold=STUDY["folds"],
     )
@@ -125,10 +131,8 @@ def fold_metric_files():
 
 def test_metric_files():
     """Metrics of the fold ensembles on the held-out test cases, for the datasets that have test cases."""
-    return expand(
+    return expand_runs(
         "results/metrics/{arch}/{init}/{dataset}/test.json",
-        arch=STUDY["detectors"],
-        init=STUDY["initialisations"],
         dataset=datasets_with_test_cases(config),
     )
 
@@ -170,10 +174,8 @@ def luna16_datasets():
 
 def luna16_exports():
     """LUNA16's own CSV format, for every dataset converted with the LUNA16 converter."""
-    return expand(
+    return expand_runs(
         "results/luna16/{arch}/{init}/{dataset}/fold{fold}.csv",
-        arch=STUDY["detectors"],
-        init=STUDY["initialisations"],
         dataset=luna16_datasets(),
         fold=STUDY["folds"],
     )
@@ -196,10 +198,8 @@ def luna16_cpm_candidates(wildcards):
 
 def luna16_scores():
     """LUNA16's own score (CPM, FROC curve) per fold and over the study's folds pooled."""
-    return expand(
+    return expand_runs(
         "results/luna16/{arch}/{init}/{dataset}/{scope}_{kind}",
-        arch=STUDY["detectors"],
-        init=STUDY["initialisations"],
         dataset=luna16_datasets(),
         scope=[f"fold{f}" for f in STUDY["folds"]] + ["pooled"],
         kind=("cpm.json", "froc.csv"),
@@ -207,10 +207,8 @@ def luna16_scores():
 
 
 def prediction_folders():
-    return expand(
+    return expand_runs(
         "results/predictions/{arch}/{init}/{dataset}/fold{fold}",
-        arch=STUDY["detectors"],
-        init=STUDY["initialisations"],
         dataset=STUDY["datasets"],
         fold=STUDY["folds"],
     )
