@@ -89,6 +89,8 @@ rule preprocess_dataset:
     input:
         converted=f"{DATA}/converted/{{dataset}}",
         check=f"{DATA}/checks/{{dataset}}.json",
+        # a dataset's official folds (preprocessing.splits_file), when it names one
+        splits_file=lambda w: config["datasets"][w.dataset].get("preprocessing", {}).get("splits_file") or [],
     output:
         plan=f"{DATA}/preprocessed/{{dataset}}/plan.json",
         splits=f"{DATA}/preprocessed/{{dataset}}/splits.json",
