@@ -33,7 +33,8 @@ END_MARKER = "<!-- demo-table:end -->"
 #: the command the README names as the producer of the block
 COMMAND = "make demo-table"
 #: readable detector names for the table header; unknown detectors show their config name
-DETECTOR_LABELS: dict[str, str] = {"retina_unet": "Retina U-Net", "deformable_detr": "Deformable DETR"}
+DETECTOR_LABELS: dict[str, str] = {"retina_unet": "Retina U-Net", "deformable_detr": "Deformable DETR",
+                                   "retina_unet_native": "Retina U-Net (nnDetection native)"}
 DECIMALS = 3
 REQUIRED_COLUMNS = ("detector", "initialisation", "dataset", "num_folds",
                     *(f"{metric}_mean" for metric in SUMMARY_METRICS))
