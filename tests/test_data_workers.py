@@ -76,6 +76,18 @@ def test_a_failure_stops_the_run(num_workers: int) -> None:
         map_cases(functools.partial(_fail_on, bad="b"), ["a", "b", "c"], [1, 1, 1], num_workers, 10, "test")
 
 
+def _die_on(case: str, bad: str) -> str:
+    if case == bad:
+        os.kill(os.getpid(), 9)  # as the kernel's OOM killer ends a process
+    time.sleep(0.2)
+    return case
+
+
+def test_a_killed_worker_is_named_as_a_likely_memory_problem() -> None:
+    with pytest.raises(RuntimeError, match=r"test: a worker process died while processing .*b.* lack of memory"):
+        map_cases(functools.partial(_die_on, bad="b"), ["a", "b", "c"], [1, 1, 1], 2, 10, "test")
+
+
 def test_progress_line_per_case(capsys) -> None:
     map_cases(str.upper, ["a", "b"], [1, 1], 1, 10, "demo", on_done=lambda case, result, s: f"done {case}->{result}")
     err = capsys.readouterr().err

@@ -160,7 +160,7 @@ def nndetection_target_spacing(
 
     Example:
         >>> nndetection_target_spacing([(5, .7, .7), (5, .7, .7), (2.5, .7, .7)], [(40, 512, 512)] * 3)
-        (2.5, 0.7, 0.7)
+        (3.0, 0.7, 0.7)
         >>> nndetection_target_spacing([(5, .7, .7)] * 3, [(200, 512, 512)] * 3)  # enough slices: the median
         (5.0, 0.7, 0.7)
     """
@@ -249,7 +249,7 @@ def resample_instance_map(
 
     Example:
         >>> m = np.zeros((4, 4, 4), np.int16); m[1, 1, 1] = 1
-        >>> resample_instance_map(m, (8, 8, 8)).sum()  # each voxel becomes 2 x 2 x 2
+        >>> int(resample_instance_map(m, (8, 8, 8)).sum())  # each voxel becomes 2 x 2 x 2
         8
     """
     out = _resample(np.asarray(instance_map)[None], new_shape, spacing, target_spacing, True, force_separate_z,
@@ -603,7 +603,8 @@ def _fingerprint_case(case: str, converted_root: str, work: str, max_samples: in
     if record_path.is_file():
         return json.loads(record_path.read_text())
     data = read_case(converted_root, case)
-    image, label_map, bbox = crop_to_nonzero(data.image, data.instance_map)
+    image = np.nan_to_num(data.image, nan=0.0, copy=False)  # as preprocess_arrays (nnunetv2 refuses NaN here)
+    image, label_map, bbox = crop_to_nonzero(image, data.instance_map)
     foreground, _ = DatasetFingerprintExtractor.collect_foreground_intensities(
         label_map[None], image, num_samples=max_samples)
     rng = case_rng(seed, case)

@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Mapping, Sequence
 
 from tqdm import tqdm
@@ -113,7 +114,15 @@ def map_cases(
                     done, _ = wait(list(running), return_when=FIRST_COMPLETED)
                     for future in done:
                         index, start = running.pop(future)
-                        finished(index, future.result(), time.perf_counter() - start)  # re-raises a failure
+                        try:
+                            result = future.result()  # re-raises a failure
+                        except BrokenProcessPool as error:
+                            in_flight = ", ".join(sorted([cases[index]] + [cases[i] for i, _ in running.values()]))
+                            raise RuntimeError(
+                                f"{desc}: a worker process died while processing {in_flight} (killed for lack of "
+                                "memory?); finished cases are kept for the rerun; lower num_workers or memory_gb, "
+                                "or give the job more memory") from error
+                        finished(index, result, time.perf_counter() - start)
             except BaseException:
                 for future in running:
                     future.cancel()
