@@ -20,9 +20,10 @@ include: "workflow/rules/finetune.smk"
 include: "workflow/rules/postprocess.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/label_fractions.smk"
 
 
 rule all:
     input:
-        final_outputs(),
+        final_outputs() + label_fraction_outputs(),
     default_target: True

@@ -106,7 +106,7 @@ def test_unknown_converter_names_the_key():
 def test_catalog_report_outputs_are_registered():
     from pretrain_det3d.analysis.outputs import FIGURES, TABLES
 
-    assert set(FIGURES.names()) == set(catalog.REPORT_FIGURES)
-    assert set(TABLES.names()) == set(catalog.REPORT_TABLES)
-    for name, formats in catalog.REPORT_TABLES.items():
+    assert set(FIGURES.names()) == set(catalog.REPORT_FIGURES) | set(catalog.LABEL_FRACTION_FIGURES)
+    assert set(TABLES.names()) == set(catalog.REPORT_TABLES) | set(catalog.LABEL_FRACTION_TABLES)
+    for name, formats in {**catalog.REPORT_TABLES, **catalog.LABEL_FRACTION_TABLES}.items():
         assert TABLES.get(name).formats == formats

@@ -59,6 +59,12 @@ REPORT_TABLES: dict[str, tuple[str, ...]] = {
     "pairwise_tests": ("csv", "md"),
 }
 
+#: outputs of the label-efficiency curves (``study.label_fractions``; also in ``analysis.outputs``), one per detector x
+#: dataset: results/figures/label_efficiency/{detector}/{dataset}.png/.pdf and
+#: results/tables/labels_saved/{detector}/{dataset}.{fmt}
+LABEL_FRACTION_FIGURES: tuple[str, ...] = ("label_efficiency",)
+LABEL_FRACTION_TABLES: dict[str, tuple[str, ...]] = {"labels_saved": ("csv", "md")}
+
 #: the initialisation that needs no pre-training
 SCRATCH = "scratch"
 

@@ -171,7 +171,21 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     _set_threads(args.threads)
     settings = {"threads": args.threads, **args.settings}
     check_detector_settings(args.detector, settings)
-    run_finetuning(args.preprocessed, args.fold, args.detector, settings, args.init, args.out_dir, args.seed)
+    run_finetuning(args.preprocessed, args.fold, args.detector, settings, args.init, args.out_dir, args.seed,
+                   train_subset=args.train_subset, schedule=args.schedule)
+
+
+def cmd_label_fraction_runs(args: argparse.Namespace) -> None:
+    from pretrain_det3d.analysis.label_efficiency import write_fraction_runs
+
+    write_fraction_runs(json.loads(args.runs), args.out_csv)
+
+
+def cmd_label_subset(args: argparse.Namespace) -> None:
+    from pretrain_det3d.data.label_fractions import write_label_subset
+
+    path = write_label_subset(args.preprocessed, args.fold, args.fraction, args.seed, args.out)
+    print(f"{path}: label-fraction subset written")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -446,6 +460,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--train-subset", type=Path, default=None,
+                   help="label-fraction subset file whose 'train' list replaces the fold's training cases")
+    p.add_argument("--schedule", choices=("same", "scaled"), default="same",
+                   help="with --train-subset: the same iterations, or scaled by the subset's share")
+
+    p = verb("label-subset", cmd_label_subset,
+             "write the nested, stratified subset of a fold's training cases at one label fraction")
+    p.add_argument("--preprocessed", type=Path, required=True, help="the dataset's preprocessed folder (splits.json)")
+    p.add_argument("--fold", type=int, required=True)
+    p.add_argument("--fraction", type=float, required=True, help="share of the fold's training cases, below 1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="default: label_fractions/fraction{f}/fold{k}.json there")
 
     p = verb("predict", cmd_predict, "predict boxes for the validation cases of a fold")
     p.add_argument("--model", type=Path, required=True)
@@ -513,6 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-csv", type=Path, required=True)
     p.add_argument("--out-md", type=Path, required=True)
     p.add_argument("--runs-csv", type=Path, required=True)
+
+    p = verb("label-fraction-runs", cmd_label_fraction_runs,
+             "the per-run table of the label-fraction runs (fraction and training cases per run)")
+    p.add_argument("--runs", required=True, help="JSON list of {detector, initialisation, dataset, fold, fraction, "
+                   "metrics, train_cases}")
+    p.add_argument("--out-csv", type=Path, required=True)
 
     p = verb("plot-ap-by-init", cmd_plot_ap_by_init, "plot AP@0.1 per dataset and initialisation")
     p.add_argument("--runs-csv", type=Path, required=True)

@@ -50,6 +50,8 @@ wildcard_constraints:
     method="[A-Za-z0-9_.-]+",
     fold=r"\d+",
     part=r"fold\d+|test",
+    # label fractions (workflow/rules/label_fractions.smk): "" at fraction 1 (today's paths), "fraction0.25/" below
+    subset=r"(fraction[0-9.]+/)?",
 
 
 def one_of(names):
@@ -148,10 +150,11 @@ def sweep_folds(wildcards):
 
 def sweep_inputs(wildcards):
     return expand(
-        "results/raw_predictions/{arch}/{init}/{dataset}/fold{fold}",
+        "results/raw_predictions/{arch}/{init}/{dataset}/{subset}fold{fold}",
         arch=wildcards.arch,
         init=wildcards.init,
         dataset=wildcards.dataset,
+        subset=wildcards.subset,  # the other folds at the same label fraction
         fold=sweep_folds(wildcards),
     )
 

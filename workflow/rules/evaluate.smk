@@ -3,17 +3,17 @@
 
 rule evaluate:
     input:
-        predictions="results/predictions/{arch}/{init}/{dataset}/fold{fold}",
+        predictions="results/predictions/{arch}/{init}/{dataset}/{subset}fold{fold}",
         splits=f"{DATA}/preprocessed/{{dataset}}/splits.json",
         converted=f"{DATA}/converted/{{dataset}}",
-        postprocessing="results/postprocessing/{arch}/{init}/{dataset}/fold{fold}.json",
+        postprocessing="results/postprocessing/{arch}/{init}/{dataset}/{subset}fold{fold}.json",
     output:
-        metrics="results/metrics/{arch}/{init}/{dataset}/fold{fold}.json",
-        cases="results/metrics/{arch}/{init}/{dataset}/fold{fold}_cases.csv",
+        metrics="results/metrics/{arch}/{init}/{dataset}/{subset}fold{fold}.json",
+        cases="results/metrics/{arch}/{init}/{dataset}/{subset}fold{fold}_cases.csv",
     log:
-        "results/logs/evaluate/{arch}/{init}/{dataset}/fold{fold}.log",
+        "results/logs/evaluate/{arch}/{init}/{dataset}/{subset}fold{fold}.log",
     benchmark:
-        "results/benchmarks/evaluate/{arch}/{init}/{dataset}/fold{fold}.tsv"
+        "results/benchmarks/evaluate/{arch}/{init}/{dataset}/{subset}fold{fold}.tsv"
     conda:
         CONDA_ENV
     threads: rule_threads("evaluate")

@@ -8,16 +8,16 @@ rule sweep:
         raw=sweep_inputs,
         converted=f"{DATA}/converted/{{dataset}}",
     output:
-        "results/postprocessing/{arch}/{init}/{dataset}/{part}.json",
+        "results/postprocessing/{arch}/{init}/{dataset}/{subset}{part}.json",
     params:
         folds=lambda w: " ".join(str(f) for f in sweep_folds(w)),
         settings=lambda w: as_json(inference_settings(config, w.arch)),
         postprocessing=as_json(postprocessing_settings(config)),
         label=lambda w: "test cases" if w.part == "test" else w.part.replace("fold", "fold "),
     log:
-        "results/logs/sweep/{arch}/{init}/{dataset}/{part}.log",
+        "results/logs/sweep/{arch}/{init}/{dataset}/{subset}{part}.log",
     benchmark:
-        "results/benchmarks/sweep/{arch}/{init}/{dataset}/{part}.tsv"
+        "results/benchmarks/sweep/{arch}/{init}/{dataset}/{subset}{part}.tsv"
     conda:
         CONDA_ENV
     threads: rule_threads("sweep")
@@ -31,16 +31,16 @@ rule sweep:
 
 rule consolidate:
     input:
-        raw="results/raw_predictions/{arch}/{init}/{dataset}/{part}",
-        postprocessing="results/postprocessing/{arch}/{init}/{dataset}/{part}.json",
+        raw="results/raw_predictions/{arch}/{init}/{dataset}/{subset}{part}",
+        postprocessing="results/postprocessing/{arch}/{init}/{dataset}/{subset}{part}.json",
     output:
-        directory("results/predictions/{arch}/{init}/{dataset}/{part}"),
+        directory("results/predictions/{arch}/{init}/{dataset}/{subset}{part}"),
     params:
         settings=lambda w: as_json(inference_settings(config, w.arch)),
     log:
-        "results/logs/consolidate/{arch}/{init}/{dataset}/{part}.log",
+        "results/logs/consolidate/{arch}/{init}/{dataset}/{subset}{part}.log",
     benchmark:
-        "results/benchmarks/consolidate/{arch}/{init}/{dataset}/{part}.tsv"
+        "results/benchmarks/consolidate/{arch}/{init}/{dataset}/{subset}{part}.tsv"
     conda:
         CONDA_ENV
     threads: rule_threads("consolidate")

@@ -229,6 +229,28 @@ def _figure_significance(context: OutputContext, out_png: Path, out_pdf: Path) -
     plot_significance_map(_pairwise_comparisons(context), out_png, out_pdf, test=context.test())
 
 
+def _label_efficiency(context: OutputContext) -> list:
+    """The label-efficiency curves of the label-fraction run table in ``runs_csv`` (loaded once per context)."""
+    if "label_efficiency" not in context._cache:
+        from pretrain_det3d.analysis.label_efficiency import case_statistics, label_efficiency
+
+        s = context.settings
+        case_ids, statistics = case_statistics(context.runs(), context.inputs.predictions_root,
+                                               context.inputs.converted_root)
+        context._cache["label_efficiency"] = label_efficiency(context.runs(), case_ids, statistics, s.n_resamples,
+                                                              s.confidence, s.seed)
+    return context._cache["label_efficiency"]
+
+
+@register_output(FIGURES, "label_efficiency", requires=("runs_csv", "predictions_root", "converted_root"),
+                 description="AP@0.1 against labelled training cases per detector x dataset, bootstrap bands "
+                             "(runs_csv: the label-fraction run table)")
+def _figure_label_efficiency(context: OutputContext, out_png: Path, out_pdf: Path) -> None:
+    from pretrain_det3d.analysis.label_efficiency import plot_label_efficiency
+
+    plot_label_efficiency(_label_efficiency(context), out_png, out_pdf)
+
+
 # ---- tables --------------------------------------------------------------------------------------------------
 
 
@@ -277,6 +299,15 @@ def _table_pairwise(context: OutputContext, out_paths: Mapping[str, Path]) -> No
 
     table = _pairwise_comparisons(context)
     write_test_table(table, pairwise_tests_markdown(table), out_paths.get("csv"), out_paths.get("md"))
+
+
+@register_output(TABLES, "labels_saved", requires=("runs_csv", "predictions_root", "converted_root"),
+                 formats=("csv", "md"), description="labelled cases each initialisation needs to match scratch at "
+                 "100 %, with its interval (runs_csv: the label-fraction run table)")
+def _table_labels_saved(context: OutputContext, out_paths: Mapping[str, Path]) -> None:
+    from pretrain_det3d.analysis.label_efficiency import write_labels_saved
+
+    write_labels_saved(_label_efficiency(context), out_paths.get("csv"), out_paths.get("md"))
 
 
 # ---- entry points --------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Mapping
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pretrain_det3d.settings.base import ConfigError, Settings, suggestion
 from pretrain_det3d.settings.converters import converter_settings_class
@@ -34,7 +34,7 @@ RESOURCE_RULES: tuple[str, ...] = (
     "default", "synthesize_dataset", "download_source", "convert_dataset", "check_dataset", "preprocess_dataset",
     "synthesize_corpus", "preprocess_corpus", "pretrain", "fetch_published_checkpoint", "finetune", "predict",
     "evaluate", "export_luna16", "luna16_cpm", "aggregate", "figure", "table", "sweep", "consolidate", "preprocess_test_cases",
-    "predict_test", "evaluate_test",
+    "predict_test", "evaluate_test", "label_subset",
 )
 
 
@@ -47,6 +47,28 @@ class StudySettings(Settings):
                                        "'pretraining.methods' or checkpoints under 'pretraining.published'.")
     folds: list[int] = Field(min_length=1, description="Folds to run (0-based).")
     num_folds: int = Field(ge=2, description="Folds of the cross-validation split.")
+    label_fractions: list[float] = Field([1.0], min_length=1, description="Shares of each fold's training cases "
+                                         "to fine-tune on (nested, stratified subsets, data/label_fractions.py); "
+                                         "must hold 1.0; more than one value adds the label-efficiency curves.")
+    label_fraction_schedule: Literal["same", "scaled"] = Field(
+        "same", description="Schedule of a run below fraction 1: 'same' iterations and warm-up as the full fold, "
+        "or both 'scaled' by the subset's share of the fold's training cases.")
+
+    @field_validator("label_fractions")
+    @classmethod
+    def _check_label_fractions(cls, fractions: list[float]) -> list[float]:
+        from pretrain_det3d.data.label_fractions import format_fraction
+
+        for index, fraction in enumerate(fractions):
+            try:
+                format_fraction(fraction)
+            except ValueError as error:
+                raise ValueError(f"value {index}: {error}") from None
+        if len(set(fractions)) != len(fractions):
+            raise ValueError(f"repeated values in {fractions}")
+        if 1.0 not in fractions:
+            raise ValueError("must hold 1.0 (the full folds, the reference of the curves)")
+        return fractions
 
 
 class InferenceSettings(Settings):

@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from pretrain_det3d.data.label_fractions import SCHEDULES, read_label_subset, scaled_iterations
 from pretrain_det3d.training.dataloader import load_case_records
 from pretrain_det3d.training.staging import staged_cases
 from pretrain_det3d.training.trainer import DetectorTrainer, TrainingSettings, seed_everything
@@ -83,6 +84,8 @@ def run_finetuning(
     out_dir: str | os.PathLike,
     seed: int,
     log_path: str | os.PathLike | None = None,
+    train_subset: str | os.PathLike | None = None,
+    schedule: str = "same",
 ) -> Path:
     """Train ``detector`` on the training cases of ``fold`` and write ``{out_dir}/model_final.pth``.
 
@@ -95,7 +98,9 @@ def run_finetuning(
     from ``{out_dir}/checkpoint_latest.pth`` when it was written by this same run (fingerprint: settings, build
     arguments, ``init_checkpoint``'s sha256, the fold's training cases, seed, versions), and otherwise raise
     ``StaleCheckpointError`` (see ``training.trainer``). ``log_path`` defaults to ``{out_dir}/log.csv``.
-    Returns the path of the final model.
+    ``train_subset`` (a label-fraction subset file, ``data.label_fractions``) replaces the fold's training cases by
+    its ``train`` list; with ``schedule="scaled"`` the iterations and warm-up are then scaled by the subset's share
+    of the fold's training cases (``"same"``: unchanged). Returns the path of the final model.
     """
     from pretrain_det3d.models.registry import build_detector, get_detector_class, transfer_pretrained
 
@@ -110,6 +115,21 @@ def run_finetuning(
     train_cases = fold_cases(root, fold, "train")
     # a detector's own defaults (the DETR's AdamW schedule) apply where the config is silent
     training = TrainingSettings.from_settings(settings, **getattr(get_detector_class(detector), "training_defaults", {}))
+    label_fraction: dict[str, Any] | None = None
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if train_subset is not None:
+        fold_train = train_cases
+        train_cases = read_label_subset(train_subset, fold, fold_train)
+        share = len(train_cases) / len(fold_train)
+        if schedule == "scaled":
+            iterations, warmup = scaled_iterations(training.iterations, training.warmup_iterations, share)
+            training = training.model_copy(update={"iterations": iterations, "warmup_iterations": warmup})
+        label_fraction = {"subset_file": str(train_subset), "num_cases": len(train_cases),
+                          "num_fold_train": len(fold_train), "schedule": schedule,
+                          "iterations": training.iterations}
+        LOGGER.info("label fraction: %d of the fold's %d training cases (%s), %s schedule: %d iterations",
+                    len(train_cases), len(fold_train), train_subset, schedule, training.iterations)
 
     seed_everything(seed)  # the detector's random initialisation depends on it
     # a detector whose network the checkpoint fixes (retina_unet_native) reads its architecture from it
@@ -118,6 +138,8 @@ def run_finetuning(
     # what `detect` (inference.detect) needs to preprocess new scans as this run's training cases were
     extra["preprocessed_root"] = str(root)
     extra["preprocessing_plan"] = {key: plan[key] for key in PLAN_KEYS_FOR_INFERENCE if key in plan}
+    if label_fraction is not None:
+        extra["label_fraction"] = label_fraction
     if init_checkpoint is not None:
         report = transfer_pretrained(model, init_checkpoint)
         counts = {"loaded": len(report.loaded_keys), "skipped": len(report.skipped_keys),
