@@ -216,8 +216,9 @@ class LabelEfficiency:
                 low, high = (float(q) for q in np.quantile(drawn, [alpha, 1.0 - alpha], method="inverted_cdf"))
             else:
                 low, high = math.nan, math.nan
+            saved = full - cases if match != NOT_REACHED else math.nan
             rows.append((self.detector, self.dataset, name, target, full, match, cases, cases / full, low, high,
-                         full - cases))
+                         saved))
         return pd.DataFrame(rows, columns=list(SAVED_COLUMNS))
 
 
@@ -336,8 +337,12 @@ def labels_saved_markdown(table: pd.DataFrame) -> str:
             prefix = "at most " if row.match == AT_MOST else ""
             needed = f"{prefix}{row.cases_needed:.1f} of {row.cases_full:g} ({100 * row.fraction_needed:.1f} %)"
             saved = f"{prefix.replace('at most', 'at least')}{row.cases_saved:.1f}"
-        interval = "n/a" if math.isnan(row.fraction_ci_low) else \
-            f"{share(row.fraction_ci_low)} - {share(row.fraction_ci_high)}"
+        if math.isnan(row.fraction_ci_low):
+            interval = "n/a"
+        elif not math.isfinite(row.fraction_ci_low):
+            interval = "not reached"
+        else:
+            interval = f"{share(row.fraction_ci_low)} - {share(row.fraction_ci_high)}"
         lines.append(f"| {row.detector} | {row.dataset} | {row.initialisation} | {row.target_ap:.{DECIMALS}f} | "
                      f"{needed} | {interval} | {saved} |")
     return "\n".join(lines)
