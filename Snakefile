@@ -20,6 +20,7 @@ include: "workflow/rules/finetune.smk"
 include: "workflow/rules/postprocess.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/common_label_fractions.smk"
 include: "workflow/rules/label_fractions.smk"
 
 
