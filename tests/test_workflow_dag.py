@@ -134,3 +134,20 @@ def test_workflow_passes_snakemakes_linter(tmp_path, snakemake_runner):
     result = snakemake_runner(tmp_path, "--lint", configfile=REPO / "config/config.yaml", check=False)
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr, (
         result.stdout[-4000:] + result.stderr[-4000:])
+
+
+def test_demo_full_overlay_adds_all_folds_and_the_native_detector(tmp_path, snakemake_runner):
+    base = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    overlay = yaml.safe_load((REPO / "config/demo_full.yaml").read_text())
+    result = snakemake_runner(tmp_path, "-n", "--configfile", str(REPO / "config/config.yaml"),
+                              str(REPO / "config/demo_full.yaml"), configfile=None)
+    counts = job_counts(result.stdout)
+    folds = len(overlay["study"]["folds"])
+    # the default's detectors with all six initialisations, the native one from scratch only, on every fold
+    expected = (len(base["study"]["initialisations"]) * 2 + 1) * folds
+    assert counts["finetune"] == counts["evaluate"] == counts["learning_curve"] == expected
+    assert counts["chance_level"] == folds
+    assert "retina_unet_native" in overlay["study"]["detectors"] and folds == 3
+    # the default demo stays as it is: one fold, two detectors
+    default = job_counts(snakemake_runner(tmp_path, "-n", configfile=REPO / "config/config.yaml").stdout)
+    assert default["finetune"] == expected_grid(base) == 12 and default["chance_level"] == 1
