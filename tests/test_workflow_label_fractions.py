@@ -106,3 +106,13 @@ def test_adding_a_fraction_schedules_only_the_new_chain(tmp_path, snakemake_runn
     # the curves are drawn again from every fraction; nothing else runs
     assert set(counts) == {*chain, "label_fraction_runs", "figure_label_efficiency", "table_labels_saved", "all",
                            "total"}
+
+
+def test_labels_saved_table_only_where_scratch_runs(tmp_path, snakemake_runner):
+    config = yaml.safe_load(SMOKE_CONFIG.read_text())
+    config["study"]["label_fractions"] = [0.5, 1.0]
+    config["detectors"]["retina_unet"]["initialisations"] = ["mae"]
+    path = tmp_path / "no_scratch.yaml"
+    path.write_text(yaml.safe_dump(config))
+    counts = job_counts(snakemake_runner(tmp_path, "-n", configfile=path).stdout)
+    assert counts["figure_label_efficiency"] == 1 and "table_labels_saved" not in counts

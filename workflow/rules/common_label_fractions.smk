@@ -52,9 +52,11 @@ def label_efficiency_arguments(wildcards, input):
 
 
 def label_fraction_outputs():
-    """The curves and labels-saved tables per detector x dataset, when the study runs more than fraction 1."""
+    """The curves and labels-saved tables per detector x dataset, when the study runs more than fraction 1 (the
+    table compares with scratch, so only for detectors that run it)."""
     if len(LABEL_FRACTIONS) < 2:
         return []
     pairs = [(arch, dataset) for arch in STUDY["detectors"] for dataset in STUDY["datasets"]]
+    with_scratch = [(a, d) for a, d in pairs if SCRATCH in detector_initialisations(config, a)]
     return ([f"results/figures/label_efficiency/{a}/{d}.{ext}" for a, d in pairs for ext in ("png", "pdf")]
-            + [f"results/tables/labels_saved/{a}/{d}.{fmt}" for a, d in pairs for fmt in ("csv", "md")])
+            + [f"results/tables/labels_saved/{a}/{d}.{fmt}" for a, d in with_scratch for fmt in ("csv", "md")])

@@ -410,7 +410,10 @@ def plot_label_efficiency(effs: Sequence[LabelEfficiency], out_png: str | os.Pat
         axes[index // columns][index % columns].set_visible(False)
     handles = [plt.Line2D([], [], color=initialisation_style(n).colour, marker=initialisation_style(n).marker,
                           markeredgecolor="black", markeredgewidth=0.6, linewidth=1.4) for n in names]
-    handles.append(plt.Line2D([], [], color=initialisation_style(BASELINE_INITIALISATION).colour, linestyle="--"))
-    fig.legend(handles, names + ["scratch at 100 %"], title="initialisation", loc="center right", frameon=False)
+    labels = list(names)
+    if BASELINE_INITIALISATION in names:
+        handles.append(plt.Line2D([], [], color=initialisation_style(BASELINE_INITIALISATION).colour, linestyle="--"))
+        labels.append(f"{BASELINE_INITIALISATION} at 100 %")
+    fig.legend(handles, labels, title="initialisation", loc="center right", frameon=False)
     fig.tight_layout(rect=(0.0, 0.0, 1.0 - LEGEND_WIDTH / fig.get_figwidth(), 1.0))
     save_figure(fig, out_png, out_pdf)
