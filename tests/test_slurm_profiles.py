@@ -25,8 +25,8 @@ PAPER = REPO / "config" / "paper.yaml"
 SLURM = REPO / "profiles" / "slurm"
 SLURM_CPU = REPO / "profiles" / "slurm-cpu"
 HEAVY_RULES = ("preprocess_dataset", "preprocess_corpus", "pretrain", "finetune", "predict")
-GPU_RULES = ("pretrain", "finetune", "predict")
-TRAINING_RULES = ("pretrain", "finetune")
+GPU_RULES = ("pretrain", "finetune", "finetune_label_fraction", "predict", "predict_test")
+TRAINING_RULES = ("pretrain", "finetune", "finetune_label_fraction")
 
 
 def parse_dry_run(text: str) -> list[dict]:
@@ -127,7 +127,11 @@ def test_cpu_only_overlay_drops_only_the_gpu_requests(dry_runs):
         assert {k: v for k, v in resources.items() if k not in gpu_keys and "TBD" not in v} == \
             {k: v for k, v in other.items() if k not in gpu_keys and "TBD" not in v}, key[0]
     signalled = {rule for (rule, _), resources in cpu_only.items() if "--signal=" in resources.get("slurm_extra", "")}
-    assert signalled == set(TRAINING_RULES)
+    scheduled = {rule for rule, _ in cpu_only}
+    assert signalled == set(TRAINING_RULES) & scheduled and {"pretrain", "finetune"} <= signalled
+    # training rules the paper's dry run does not schedule (label-fraction fine-tuning) keep the signal too
+    overlay = yaml.safe_load((SLURM_CPU / "config.yaml").read_text())["set-resources"]
+    assert all("--signal=" in overlay[rule]["slurm_extra"] for rule in TRAINING_RULES)
 
 
 def test_profile_files_differ_only_in_gpu_lines():
