@@ -106,8 +106,69 @@ def channel_files(folder: Path, suffix: str, num_channels: int) -> dict[str, lis
     return {case: [channels[c] for c in range(num_channels)] for case, channels in sorted(found.items())}
 
 
+def folder_cases(root: Path, suffix: str, num_channels: int, test_cases: bool
+                 ) -> tuple[dict[str, tuple[list[Path], bool]], list[str]]:
+    """The cases of an ``imagesTr``/``labelsTr`` (+ ``imagesTs``/``labelsTs``) layout below ``root``: case id ->
+    (channel files, whether it is a held-out test case), and the test ids. With ``test_cases`` the test images
+    that have a label in ``labelsTs`` are included; a test id that is also a training id, missing test folders or
+    no labelled test case raise ConversionError naming the folder.
+
+    Example:
+        >>> cases, test_ids = folder_cases(Path("Task100/raw_splitted"), ".nii.gz", 1, False)  # doctest: +SKIP
+    """
+    if not (root / "imagesTr").is_dir():
+        raise ConversionError.for_file(root / "imagesTr", "folder is missing")
+    cases = {case: (files, False) for case, files in channel_files(root / "imagesTr", suffix, num_channels).items()}
+    test_ids: list[str] = []
+    if test_cases:  # the study then scores them as its test set
+        if not (root / "imagesTs").is_dir() or not (root / "labelsTs").is_dir():
+            raise ConversionError.for_file(root, "convert.test_cases is true but imagesTs/ and labelsTs/ are not "
+                                                 "both there")
+        for case, files in channel_files(root / "imagesTs", suffix, num_channels).items():
+            if (root / "labelsTs" / f"{case}{suffix}").is_file():
+                if case in cases:
+                    raise ConversionError.for_file(root / "imagesTs", f"case {case!r} is also a training case")
+                cases[case] = (files, True)
+                test_ids.append(case)
+        if not test_ids:
+            raise ConversionError.for_file(root / "labelsTs", "convert.test_cases is true but no test case has a "
+                                                              "label here")
+    return cases, test_ids
+
+
+class FolderCasesMixin:
+    """Case listing and reading shared by the import converters: ``_scan`` fills ``_cases`` and ``_test_ids``
+    (:func:`folder_cases`)."""
+
+    _cases: dict[str, tuple[list[Path], bool]]
+    _test_ids: list[str]
+
+    def _scan(self, source_dir: Path) -> None:
+        raise NotImplementedError
+
+    def list_cases(self, source_dir: Path) -> list[str]:
+        self._scan(source_dir)
+        return sorted(case for case, (_, test) in self._cases.items() if not test)
+
+    def list_test_cases(self, source_dir: Path) -> list[str]:
+        self._scan(source_dir)
+        return sorted(self._test_ids)
+
+    @staticmethod
+    def read_on_one_grid(files: list[Path], label_path: Path, what: str, case_id: str):
+        """The channel images and the label image of a case, checked to share one voxel grid."""
+        if not label_path.is_file():
+            raise ConversionError.for_file(label_path, f"missing: the {what} of case {case_id!r}")
+        images = [read_nifti(path) for path in files]
+        label = read_nifti(label_path)
+        for path, image in zip(files[1:], images[1:]):
+            check_same_grid(images[0], files[0], image, path)
+        check_same_grid(images[0], files[0], label, label_path)
+        return images, label
+
+
 @CONVERTERS.register("nndetection_task")
-class NNDetectionTaskConverter(DatasetConverter):
+class NNDetectionTaskConverter(FolderCasesMixin, DatasetConverter):
     """Settings: ``raw_folder``, ``test_cases``, ``name``, ``licence`` (``settings.converters.NNDetectionTaskConvertSettings``)."""
 
     dataset_name = "nndetection_task"
@@ -131,44 +192,16 @@ class NNDetectionTaskConverter(DatasetConverter):
         self.output_name = self.settings.get("name") or str(data.get("task") or data.get("name") or source_dir.name)
         self.licence = self.settings.get("licence", "not stated")
         self.source = str(source_dir)
-        self._cases = {case: (files, False) for case, files in
-                       channel_files(self._raw / "imagesTr", NIFTI_SUFFIX, len(self.modalities)).items()}
-        self._test_ids: list[str] = []
-        if self.settings.get("test_cases", False):  # the study then scores them as its test set
-            if not (self._raw / "imagesTs").is_dir() or not (self._raw / "labelsTs").is_dir():
-                raise ConversionError.for_file(self._raw, "convert.test_cases is true but imagesTs/ and labelsTs/ are "
-                                                      "not both there")
-            for case, files in channel_files(self._raw / "imagesTs", NIFTI_SUFFIX, len(self.modalities)).items():
-                if (self._raw / "labelsTs" / f"{case}{NIFTI_SUFFIX}").is_file():
-                    if case in self._cases:
-                        raise ConversionError.for_file(self._raw / "imagesTs", f"case {case!r} is also a training case")
-                    self._cases[case] = (files, True)
-                    self._test_ids.append(case)
-            if not self._test_ids:
-                raise ConversionError.for_file(self._raw / "labelsTs", "convert.test_cases is true but no test case "
-                                                                   "has a label here")
+        self._cases, self._test_ids = folder_cases(self._raw, NIFTI_SUFFIX, len(self.modalities),
+                                                   bool(self.settings.get("test_cases", False)))
         self._without_voxels: dict[str, list[int]] = {}
-
-    def list_cases(self, source_dir: Path) -> list[str]:
-        self._scan(source_dir)
-        return sorted(case for case, (_, test) in self._cases.items() if not test)
-
-    def list_test_cases(self, source_dir: Path) -> list[str]:
-        self._scan(source_dir)
-        return sorted(self._test_ids)
 
     def load_case(self, source_dir: Path, case_id: str) -> ConvertedCase:
         self._scan(source_dir)
         files, test = self._cases[case_id]
         labels = self._raw / ("labelsTs" if test else "labelsTr")
         label_path, json_path = labels / f"{case_id}{NIFTI_SUFFIX}", labels / f"{case_id}.json"
-        if not label_path.is_file():
-            raise ConversionError.for_file(label_path, f"missing: the instance map of case {case_id!r}")
-        images = [read_nifti(path) for path in files]
-        label = read_nifti(label_path)
-        for path, image in zip(files[1:], images[1:]):
-            check_same_grid(images[0], files[0], image, path)
-        check_same_grid(images[0], files[0], label, label_path)
+        images, label = self.read_on_one_grid(files, label_path, "instance map", case_id)
         classes = self._instance_classes(json_path)
         instance_map = integer_labels(label, label_path)
         present = [int(i) for i in np.unique(instance_map) if i != 0]

@@ -42,13 +42,11 @@ import numpy as np
 
 from pretrain_det3d.data.converters.base import CONVERTERS, ConvertedCase, ConversionError, DatasetConverter, case_from_sitk
 from pretrain_det3d.data.converters.label_maps import (
-    check_same_grid,
     connected_instances,
     integer_labels,
-    read_nifti,
     relabel,
 )
-from pretrain_det3d.data.converters.nndetection_task import channel_files, read_description
+from pretrain_det3d.data.converters.nndetection_task import FolderCasesMixin, folder_cases, read_description
 
 DATASET_JSON = "dataset.json"
 
@@ -66,7 +64,7 @@ def label_values(data: Mapping[str, Any], path: Path) -> dict[str, int | list[in
 
 
 @CONVERTERS.register("nnunetv2_dataset")
-class NNUNetV2DatasetConverter(DatasetConverter):
+class NNUNetV2DatasetConverter(FolderCasesMixin, DatasetConverter):
     """Settings: ``instances``, ``classes``, ``class_name``, ``connectivity``, ``min_extent_mm``, ``test_cases``,
     ``name``, ``licence`` (``settings.converters.NNUNetV2DatasetConvertSettings``)."""
 
@@ -114,49 +112,19 @@ class NNUNetV2DatasetConverter(DatasetConverter):
         self.output_name = self.settings.get("name") or source_dir.name
         self.licence = self.settings.get("licence", "not stated")
         self.source = str(source_dir)
-        if not (source_dir / "imagesTr").is_dir():
-            raise ConversionError.for_file(source_dir / "imagesTr", "folder is missing")
-        self._cases = {case: (files, False) for case, files in
-                       channel_files(source_dir / "imagesTr", self._suffix, len(self.modalities)).items()}
+        self._cases, self._test_ids = folder_cases(source_dir, self._suffix, len(self.modalities),
+                                                   bool(self.settings.get("test_cases", False)))
         expected = data.get("numTraining")
-        if expected is not None and expected != len(self._cases):
-            raise ConversionError.for_file(path, f"numTraining is {expected} but imagesTr holds {len(self._cases)} "
-                                                 "cases")
-        self._test_ids: list[str] = []
-        if self.settings.get("test_cases", False):  # the study then scores them as its test set
-            if not (source_dir / "imagesTs").is_dir() or not (source_dir / "labelsTs").is_dir():
-                raise ConversionError.for_file(source_dir, "convert.test_cases is true but imagesTs/ and labelsTs/ are "
-                                                      "not both there")
-            for case, files in channel_files(source_dir / "imagesTs", self._suffix, len(self.modalities)).items():
-                if (source_dir / "labelsTs" / f"{case}{self._suffix}").is_file():
-                    if case in self._cases:
-                        raise ConversionError.for_file(source_dir / "imagesTs", f"case {case!r} is also a training case")
-                    self._cases[case] = (files, True)
-                    self._test_ids.append(case)
-            if not self._test_ids:
-                raise ConversionError.for_file(source_dir / "labelsTs", "convert.test_cases is true but no test case "
-                                                                   "has a label here")
+        training = len(self._cases) - len(self._test_ids)
+        if expected is not None and expected != training:
+            raise ConversionError.for_file(path, f"numTraining is {expected} but imagesTr holds {training} cases")
         self._dropped: dict[str, list[dict[str, Any]]] = {}
-
-    def list_cases(self, source_dir: Path) -> list[str]:
-        self._scan(source_dir)
-        return sorted(case for case, (_, test) in self._cases.items() if not test)
-
-    def list_test_cases(self, source_dir: Path) -> list[str]:
-        self._scan(source_dir)
-        return sorted(self._test_ids)
 
     def load_case(self, source_dir: Path, case_id: str) -> ConvertedCase:
         self._scan(source_dir)
         files, test = self._cases[case_id]
         label_path = source_dir / ("labelsTs" if test else "labelsTr") / f"{case_id}{self._suffix}"
-        if not label_path.is_file():
-            raise ConversionError.for_file(label_path, f"missing: the label map of case {case_id!r}")
-        images = [read_nifti(path) for path in files]
-        label = read_nifti(label_path)
-        for path, image in zip(files[1:], images[1:]):
-            check_same_grid(images[0], files[0], image, path)
-        check_same_grid(images[0], files[0], label, label_path)
+        images, label = self.read_on_one_grid(files, label_path, "label map", case_id)
         values = integer_labels(label, label_path)
         if values.min(initial=0) < 0:
             raise ConversionError.for_file(label_path, f"negative label value {int(values.min())}")
