@@ -143,11 +143,12 @@ def test_demo_full_overlay_adds_all_folds_and_the_native_detector(tmp_path, snak
                               str(REPO / "config/demo_full.yaml"), configfile=None)
     counts = job_counts(result.stdout)
     folds = len(overlay["study"]["folds"])
-    # the default's detectors with all six initialisations, the native one from scratch only, on every fold
+    # Retina U-Net and Deformable DETR with all six initialisations, the native one from scratch only, every fold
+    assert overlay["detectors"]["deformable_detr"]["initialisations"] == base["study"]["initialisations"]
     expected = (len(base["study"]["initialisations"]) * 2 + 1) * folds
     assert counts["finetune"] == counts["evaluate"] == counts["learning_curve"] == expected
     assert counts["chance_level"] == folds
     assert "retina_unet_native" in overlay["study"]["detectors"] and folds == 3
-    # the default demo stays as it is: one fold, two detectors
+    # the default demo: one fold, Retina U-Net from six initialisations, Deformable DETR from scratch
     default = job_counts(snakemake_runner(tmp_path, "-n", configfile=REPO / "config/config.yaml").stdout)
-    assert default["finetune"] == expected_grid(base) == 12 and default["chance_level"] == 1
+    assert default["finetune"] == expected_grid(base) == 7 and default["chance_level"] == 1
