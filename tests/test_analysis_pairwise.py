@@ -110,5 +110,19 @@ def test_missing_run_and_single_initialisation_are_errors() -> None:
     runs = make_runs()
     with pytest.raises(AnalysisInputError, match=r"d/voco/y fold 4 is missing"):
         compare_pairwise(runs.drop(runs.index[-1]), "AP")
-    with pytest.raises(AnalysisInputError, match=r"only \['mae'\]"):
+    with pytest.raises(AnalysisInputError, match=r"single initialisation \(d \(mae\)\)"):
         compare_pairwise(runs[runs.initialisation == "mae"], "AP")
+
+
+def test_a_detector_with_one_initialisation_has_no_pairs_and_the_others_keep_theirs():
+    folds = list(range(3))
+    runs = pd.DataFrame({
+        "detector": ["retina_unet"] * 6 + ["deformable_detr"] * 3, "dataset": "x", "metric": "AP",
+        "fold": folds * 3, "initialisation": ["scratch"] * 3 + ["mae"] * 3 + ["scratch"] * 3,
+        "value": [0.1, 0.2, 0.3, 0.2, 0.3, 0.5, 0.4, 0.4, 0.4]})
+    table = compare_pairwise(runs, "AP", order=["scratch", "mae"])
+    assert table[["detector", "initialisation_a", "initialisation_b"]].values.tolist() == [
+        ["retina_unet", "scratch", "mae"]]
+    assert table.iloc[0]["mean_diff"] == pytest.approx(-0.4 / 3)
+    with pytest.raises(AnalysisInputError, match="single initialisation \\(deformable_detr \\(scratch\\)\\)"):
+        compare_pairwise(runs[runs["detector"] == "deformable_detr"], "AP")

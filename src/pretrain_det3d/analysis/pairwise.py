@@ -99,7 +99,8 @@ def compare_pairwise(
     """Every pair of initialisations per detector over all its datasets; columns ``PAIRWISE_COLUMNS``.
 
     ``order`` fixes which initialisation of a pair is ``a`` (the earlier one); names it does not list follow
-    alphabetically. Without ``case_data`` the case-level columns are NaN.
+    alphabetically. Without ``case_data`` the case-level columns are NaN. A detector run from one initialisation
+    only has no pairs and no rows; when no detector has two, the error says so.
 
     Example:
         >>> runs = pd.DataFrame({"detector": "d", "dataset": "x", "fold": list(range(6)) * 2, "metric": "AP",
@@ -112,13 +113,15 @@ def compare_pairwise(
     values = metric_values(runs, metric)
     values = values.astype({"detector": str, "dataset": str, "initialisation": str})
     rows: list[dict] = []
+    skipped: list[str] = []
     for detector in sorted(values["detector"].unique()):
         table = _paired_table(values, detector)
         present = [str(name) for name in table.columns]
         listed = [name for name in (order or []) if name in present]
         names = listed + sorted(set(present) - set(listed))
-        if len(names) < 2:
-            raise AnalysisInputError(f"per-run table: {detector} has only {names}; nothing to compare pairwise")
+        if len(names) < 2:  # a detector run from one initialisation only (e.g. the demo's DETR) has no pairs
+            skipped.append(f"{detector} ({names[0] if names else 'none'})")
+            continue
         datasets = sorted(table.index.get_level_values("dataset").unique())
         if case_data is not None:
             observed, resampled = _case_differences(case_data, detector, datasets, names, n_resamples, seed)
@@ -150,4 +153,7 @@ def compare_pairwise(
             adjusted, reject = holm_adjust([row.get(f"p_{test_name}", np.nan) for row in family], alpha)
             for row, p_value, decision in zip(family, adjusted, reject):
                 row[f"p_{test_name}_holm"], row[f"reject_{test_name}_holm"] = float(p_value), bool(decision)
+    if not rows:
+        raise AnalysisInputError(f"per-run table: every detector has a single initialisation ({', '.join(skipped)}); "
+                                 "nothing to compare pairwise")
     return pd.DataFrame(rows).reindex(columns=list(PAIRWISE_COLUMNS))
