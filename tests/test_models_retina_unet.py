@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from overfit import fit_and_score
+from overfit import fit_and_score, two_overfit_cases
 from pretrain_det3d.models.registry import (
     DETECTORS,
     build_detector,
@@ -371,25 +371,8 @@ def test_ema_state_is_saved_loaded_and_deterministic(tmp_path) -> None:
     assert loaded.positive_ema.value() == model.positive_ema.value()
 
 
-def _overfit_cases(size: int = 32):
-    """Two noisy volumes with bright cuboid lesions (class 1 brighter than class 0), as the DETR test."""
-    targets = [
-        {"boxes": torch.tensor([[4.0, 6, 5, 12, 13, 11], [18, 16, 20, 26, 27, 27]]), "labels": torch.tensor([0, 1])},
-        {"boxes": torch.tensor([[10.0, 3, 14, 20, 10, 22]]), "labels": torch.tensor([1])},
-    ]
-    g = torch.Generator().manual_seed(1)
-    images = torch.randn(2, 1, size, size, size, generator=g) * 0.3
-    seg = torch.zeros(2, 1, size, size, size, dtype=torch.long)
-    for index, target in enumerate(targets):
-        for box, label in zip(target["boxes"].long(), target["labels"]):
-            region = (index, 0, slice(box[0], box[3]), slice(box[1], box[4]), slice(box[2], box[5]))
-            images[region] += 1.0 + float(label)
-            seg[region] = 1
-    return images, targets, seg
-
-
 def test_overfits_two_cases_to_high_ap_with_the_default_recipe() -> None:
-    images, targets, seg = _overfit_cases()
+    images, targets, seg = two_overfit_cases()
     sizes = [(b[3:] - b[:3]).tolist() for t in targets for b in t["boxes"]]
     torch.manual_seed(0)
     # CPU-sized width and head levels only; the loss recipe is the default one

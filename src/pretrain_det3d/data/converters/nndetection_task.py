@@ -137,8 +137,8 @@ def folder_cases(root: Path, suffix: str, num_channels: int, test_cases: bool
 
 
 class FolderCasesMixin:
-    """Case listing and reading shared by the import converters: ``_scan`` fills ``_cases`` and ``_test_ids``
-    (:func:`folder_cases`)."""
+    """Case listing, reading and ``convert`` shared by the import converters: ``_scan`` fills ``_cases`` and
+    ``_test_ids`` (:func:`folder_cases`) and sets ``output_name``."""
 
     _cases: dict[str, tuple[list[Path], bool]]
     _test_ids: list[str]
@@ -153,6 +153,13 @@ class FolderCasesMixin:
     def list_test_cases(self, source_dir: Path) -> list[str]:
         self._scan(source_dir)
         return sorted(self._test_ids)
+
+    def convert(self, source_dir, out_dir, show_progress: bool = True) -> Path:
+        if not Path(source_dir).is_dir():  # the base class names the missing folder
+            return super().convert(source_dir, out_dir, show_progress)
+        self._scan(Path(source_dir))
+        self.dataset_name = self.output_name  # the converted dataset.json names the user's dataset
+        return super().convert(source_dir, out_dir, show_progress)
 
     @staticmethod
     def read_on_one_grid(files: list[Path], label_path: Path, what: str, case_id: str):
@@ -233,13 +240,6 @@ class NNDetectionTaskConverter(FolderCasesMixin, DatasetConverter):
         except (TypeError, ValueError):
             raise ConversionError.for_file(path, f"instances must map integer ids to class indices, got {instances}") \
                 from None
-
-    def convert(self, source_dir, out_dir, show_progress: bool = True) -> Path:
-        if not Path(source_dir).is_dir():  # the base class names the missing folder
-            return super().convert(source_dir, out_dir, show_progress)
-        self._scan(Path(source_dir))
-        self.dataset_name = self.output_name  # the converted dataset.json names the user's dataset
-        return super().convert(source_dir, out_dir, show_progress)
 
     def dataset_extra(self) -> dict[str, Any]:
         return {"conversion": f"imported from the nnDetection task folder {self.source}",

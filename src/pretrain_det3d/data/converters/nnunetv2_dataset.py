@@ -139,13 +139,6 @@ class NNUNetV2DatasetConverter(FolderCasesMixin, DatasetConverter):
             self._dropped[case_id] = dropped
         return case_from_sitk(case_id, images, instance_map, instances)
 
-    def convert(self, source_dir, out_dir, show_progress: bool = True) -> Path:
-        if not Path(source_dir).is_dir():  # the base class names the missing folder
-            return super().convert(source_dir, out_dir, show_progress)
-        self._scan(Path(source_dir))
-        self.dataset_name = self.output_name  # the converted dataset.json names the user's dataset
-        return super().convert(source_dir, out_dir, show_progress)
-
     def dataset_extra(self) -> dict[str, Any]:
         mode = "instance maps as they are" if not self._classes_of_values else (
             f"connected components ({self.settings.get('connectivity', 26)}-connectivity) of labels "
