@@ -51,7 +51,9 @@ def test_export_round_trip_through_converter(tmp_path: Path) -> None:
     centre = image.TransformContinuousIndexToPhysicalPoint((6.0, 8.0, 5.0))  # x, y, z voxel
     (root / "annotations.csv").write_text(
         "seriesuid,coordX,coordY,coordZ,diameter_mm\n" + f"{UID},{centre[0]},{centre[1]},{centre[2]},5.0\n")
-    converted = convert_dataset("luna16", root, tmp_path / "converted", show_progress=False)
+    # the export does not need LUNA16's excluded findings (the CPM score does; tests/test_evaluation_luna16_cpm.py)
+    converted = convert_dataset("luna16", root, tmp_path / "converted", {"excluded_findings": None},
+                                show_progress=False)
     _, boxes = boxes_from_instance_map(read_case(converted, UID).instance_map)
     # the box of the painted sphere spans its voxels plus one: its voxel count times the spacing is the
     # 5 mm diameter to within one voxel per axis (spacing z, y, x = 2.0, 0.9, 0.6 mm)

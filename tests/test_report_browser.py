@@ -348,6 +348,7 @@ def _visit_report(browser: Chromium, report: Path, view: ReportView, screenshot:
     click(browser, "Statistics")
     wait_for(browser, "document.querySelectorAll('#app canvas, #app svg.marks').length > 0", "the statistics plots")
     categories = json.loads(browser.evaluate("JSON.stringify(typeof categories === 'object' ? categories : {})"))
+    known = set(json.loads(browser.evaluate("JSON.stringify(Object.keys(typeof results === 'object' ? results : {}))")))
     for category, subcategories in categories.items():
         for subcategory in subcategories:
             page = load_page(browser, report, REPORT_READY)  # back to the start page, as a fresh visit
@@ -359,6 +360,8 @@ def _visit_report(browser: Chromium, report: Path, view: ReportView, screenshot:
                                        f"the results of {category}/{subcategory}"))
             view.listed.setdefault(category, []).extend(path for path, _ in rows)
             for index, (path, href) in enumerate(rows):
+                if path not in known:  # a labelled result (per-run learning curves) shows its labels, not its path
+                    continue
                 if href and href.startswith("data:"):
                     view.shown[path] = decode_data_uri(href)
                     continue
