@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import yaml
 
-from pretrain_det3d.evaluation.chance import random_boxes
+from pretrain_det3d.evaluation.chance import REPORTED_METRICS, random_boxes
 from pretrain_det3d.evaluation.run import CaseBoxes, evaluate_cases
 from pretrain_det3d.training.trainer import DetectorTrainer, TrainingSettings, seed_everything
 from pretrain_det3d.utils.atomic import atomic_path, write_json
@@ -48,10 +48,7 @@ LOGGER = logging.getLogger(__name__)
 OUR_DETECTORS = ("retina_unet", "deformable_detr")
 PEER = "monai_retinanet"
 RANDOM = "random_boxes"
-AP_KEY = "AP_IoU_0.10_MaxDet_100"
-MAP_KEY = "mAP_IoU_0.10_0.50_0.05_MaxDet_100"
-FROC_KEY = "FROC_score_IoU_0.10"
-REPORTED_METRICS = (AP_KEY, MAP_KEY, FROC_KEY)
+AP_KEY, MAP_KEY, FROC_KEY = REPORTED_METRICS  # the chance level's metrics, in its order
 RECORD_FILE = "quality.json"
 CURVE_FILE = "learning_curve.png"
 DATASET_NAME = "quality"
@@ -324,7 +321,7 @@ def run_quality_benchmark(out_dir: str | os.PathLike, settings: Mapping[str, Any
     started = time.perf_counter()
     data = prepare_data(out, options)
     record: dict[str, Any] = {
-        "settings": _plain(asdict(options)),
+        "settings": asdict(options),  # tuples become JSON lists
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "cpu_count": os.cpu_count(), "threads": options.threads,
                         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
@@ -354,14 +351,6 @@ def run_quality_benchmark(out_dir: str | os.PathLike, settings: Mapping[str, Any
     write_json(out / RECORD_FILE, record)
     plot_learning_curves(record, out / CURVE_FILE)
     return record
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 # ---- presentation -----------------------------------------------------------------------------------------------
