@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+from typing import Any
+
 import pytest
 import torch
 
@@ -9,14 +13,13 @@ from pretrain_det3d.models.backbone import build_resenc_unet
 from pretrain_det3d.models.checkpoint import (
     KEYS_TO_IN_PROJ,
     CheckpointFormatError,
+    adaptation_plan,
     load_pretrained_encoder,
+    pretrain_patch_size,
     read_pretraining_checkpoint,
     save_pretraining_checkpoint,
 )
 from pretrain_det3d.models.registry import build_detector, load_detector, save_detector
-
-
-
 
 PLAN = {"box_sizes": [[4, 4, 4], [6, 6, 6]]}
 DETECTOR_SETTINGS = {"preset": "resenc_demo", "fpn_channels": 8, "head_convs": 1}
@@ -175,3 +178,124 @@ def test_corrupt_detector_file_names_the_file_and_the_rerun(tmp_path) -> None:
     assert message.startswith(f"{path}: not a readable model checkpoint: it is truncated or damaged (")
     assert f"rerun the finetune job that writes it (snakemake {path})" in message
     assert "weights_only" not in message and "internal miniz error" not in message
+
+
+# ---------------------------------------------------------------- nnssl's AdaptationPlan.from_dict
+# An independent re-statement of what nnssl's readers require (nnssl/adaptation_planning/adaptation_plan.py
+# AdaptationPlan.from_dict; nnssl/experiment_planning/experiment_planners/plan.py Plan.from_dict,
+# ConfigurationPlan): from_dict passes dicts to dataclasses, so a missing or an extra field is a TypeError.
+@dataclasses.dataclass
+class _NnsslConfigurationPlan:
+    data_identifier: Any
+    preprocessor_name: Any
+    spacing_style: Any
+    normalization_schemes: Any
+    use_mask_for_norm: Any
+    resampling_fn_data: Any
+    resampling_fn_data_kwargs: Any
+    resampling_fn_mask: Any
+    resampling_fn_mask_kwargs: Any
+    spacing: Any = None
+    patch_size: Any = None
+
+
+@dataclasses.dataclass
+class _NnsslPlan:
+    dataset_name: Any
+    plans_name: Any
+    original_median_spacing_after_transp: Any
+    image_reader_writer: Any
+    transpose_forward: Any
+    transpose_backward: Any
+    configurations: Any
+    experiment_planner_used: Any
+
+
+@dataclasses.dataclass
+class _NnsslDynamicArchitecturePlans:
+    n_stages: Any
+    features_per_stage: Any
+    conv_op: Any
+    kernel_sizes: Any
+    strides: Any
+    n_blocks_per_stage: Any
+    n_conv_per_stage_decoder: Any
+    conv_bias: Any
+    norm_op: Any
+    norm_op_kwargs: Any
+    dropout_op: Any
+    dropout_op_kwargs: Any
+    nonlin: Any
+    nonlin_kwargs: Any
+
+
+def _nnssl_from_dict(data: dict) -> dict:
+    """What nnssl's AdaptationPlan.from_dict reads, in its order; raises where it would."""
+    data = copy.deepcopy(data)  # nnssl's Plan.from_dict overwrites the dict's configurations
+    arch = data["architecture_plans"]
+    arch_kwargs = _NnsslDynamicArchitecturePlans(**arch["arch_kwargs"]) if arch["arch_kwargs"] else None
+    plan = data["pretrain_plan"]
+    plan["configurations"] = {name: _NnsslConfigurationPlan(**c) for name, c in plan["configurations"].items()}
+    pretrain_plan = _NnsslPlan(**plan)
+    return {"arch_class_name": arch["arch_class_name"], "arch_kwargs": arch_kwargs, "pretrain_plan": pretrain_plan,
+            "pretrain_num_input_channels": data["pretrain_num_input_channels"],
+            "recommended_downstream_patchsize": data["recommended_downstream_patchsize"],
+            "key_to_encoder": data["key_to_encoder"], "key_to_stem": data["key_to_stem"],
+            "keys_to_in_proj": tuple(data["keys_to_in_proj"]), "key_to_lpe": data.get("key_to_lpe")}
+
+
+def test_written_plan_is_read_by_nnssls_from_dict(tmp_path) -> None:
+    path = tmp_path / "checkpoint_final.pth"
+    # the pre-training trainer's plan: a flat configuration and the run fingerprint (no Plan field)
+    given = {"plans_name": "pretrain_det3d", "configurations": {"patch_size": [16, 16, 16]},
+             "run_fingerprint": {"seed": 3}}
+    save_pretraining_checkpoint(path, _pretrained_unet(), "resenc_demo", 1, [32, 32, 32], "mae", pretrain_plan=given)
+    plan = torch.load(path, weights_only=True)["nnssl_adaptation_plan"]
+    read = _nnssl_from_dict(plan)
+    configurations = read["pretrain_plan"].configurations
+    assert list(configurations) == ["median"]  # the configuration-name level nnssl indexes by
+    assert configurations["median"].patch_size == [16, 16, 16]
+    assert configurations["median"].spacing_style == "median"
+    assert read["pretrain_plan"].plans_name == "pretrain_det3d"
+    assert read["keys_to_in_proj"] == tuple(KEYS_TO_IN_PROJ) and read["key_to_stem"] == "encoder.stem"
+    assert read["arch_kwargs"].features_per_stage == [8, 16, 32, 64]
+    assert plan["run_fingerprint"] == {"seed": 3}  # kept beside the plan (nnssl ignores unknown top-level keys)
+    assert pretrain_patch_size(plan) == [16, 16, 16]
+
+
+def test_default_plan_is_read_by_nnssls_from_dict(tmp_path) -> None:
+    path = tmp_path / "checkpoint_final.pth"
+    save_pretraining_checkpoint(path, _pretrained_unet(), "resenc_demo", 1, [24, 32, 32], "mae")
+    plan = torch.load(path, weights_only=True)["nnssl_adaptation_plan"]
+    configurations = _nnssl_from_dict(plan)["pretrain_plan"].configurations
+    assert {name: c.patch_size for name, c in configurations.items()} == {"median": [24, 32, 32]}
+
+
+def test_the_restatement_refuses_the_layout_written_before() -> None:
+    # guards the re-statement itself: the old flat layout must fail it as it fails nnssl
+    old = adaptation_plan("resenc_demo", 1, [32, 32, 32], "mae")
+    old["pretrain_plan"] = {"plans_name": "pretrain_det3d", "configurations": {"patch_size": [32, 32, 32]}}
+    with pytest.raises(TypeError):
+        _nnssl_from_dict(old)
+
+
+def test_configuration_with_a_field_nnssl_lacks_is_refused() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        adaptation_plan("resenc_demo", 1, [32, 32, 32], "mae",
+                        {"configurations": {"onemmiso": {"patch_size": [32, 32, 32], "batch_size": 2}}})
+
+
+def test_files_written_before_are_still_read_and_loaded(tmp_path) -> None:
+    net = _pretrained_unet()
+    old_plan = adaptation_plan("resenc_demo", 1, [32, 32, 32], "mae")
+    old_plan["pretrain_plan"] = {"plans_name": "pretrain_det3d", "configurations": {"patch_size": [32, 32, 32]},
+                                 "run_fingerprint": {"seed": 0}}
+    without = {k: v for k, v in old_plan.items() if k != "pretrain_plan"}  # and one with no pretrain_plan at all
+    for name, plan in (("flat.pth", old_plan), ("none.pth", without)):
+        path = tmp_path / name
+        torch.save({"network_weights": net.state_dict(), "nnssl_adaptation_plan": plan}, path)
+        _, read = read_pretraining_checkpoint(path)
+        assert pretrain_patch_size(read) == [32, 32, 32], name
+        detector = build_detector("retina_unet", DETECTOR_SETTINGS, 1, 1, PLAN)
+        load_pretrained_encoder(detector, path)
+        assert torch.equal(detector.encoder.stem.convs[0].conv.weight, net.encoder.stem.convs[0].conv.weight)

@@ -15,9 +15,13 @@ import torch
 from pretrain_det3d.models.backbone import build_resenc_unet
 from pretrain_det3d.models.checkpoint import read_pretraining_checkpoint, save_pretraining_checkpoint
 from pretrain_det3d.models.published import (
+    MULTITALENT_CT_STEM,
+    NATIVE_MULTITALENT_DEFAULT_STEM,
     PublishedCheckpointError,
+    fetch_entry,
     fetch_published_checkpoint,
     native_release_target_key,
+    published_init_stem,
 )
 
 
@@ -130,3 +134,55 @@ def test_native_release_layout_maps_the_chosen_stem_level0_shift_and_ufpn_names(
         assert native_release_target_key(key, "stem.351_0") is None, key
     # a chosen stem that is a prefix of another stem's name does not take that stem's weights
     assert native_release_target_key("stem.3510.0.weight", "stem.351") is None
+
+
+# ---------------------------------------------------------------- stem choice of MultiTalent entries
+def test_stem_setting_defaults_to_the_releases_ct_stem() -> None:
+    from pretrain_det3d.settings.study import PublishedCheckpointEntry
+
+    assert PublishedCheckpointEntry.default("stem") == MULTITALENT_CT_STEM == "351_0"  # docs/finetuning.md 3.4
+    assert NATIVE_MULTITALENT_DEFAULT_STEM == "stem.351_0"
+
+
+def test_stem_per_dataset_wins_over_stem_which_wins_over_the_default() -> None:
+    where = "pretraining.published.mt"
+    entry = {"url": "https://host/c.pth", "stem": "010", "stem_per_dataset": {"duke_breast": "004"}}
+    assert published_init_stem(entry, "duke_breast", where) == ("004", f"{where}.stem_per_dataset.duke_breast")
+    assert published_init_stem(entry, "luna16", where) == ("010", f"{where}.stem")
+    assert published_init_stem({"url": "https://host/c.pth"}, "luna16", where) == ("351_0", f"{where}.stem")
+    # the fetch sees the file's keys only, so another stem does not fetch the checkpoint again
+    assert fetch_entry(entry) == {"url": "https://host/c.pth"}
+
+
+def test_entry_with_a_stem_choice_is_fetched(served, tmp_path):
+    root, _ = served
+    out = tmp_path / "checkpoint_final.pth"
+    fetch_published_checkpoint({"path": str(root / "checkpoint_final.pth"), "stem": "004",
+                                "stem_per_dataset": {"d": "010"}}, out)
+    assert out.read_bytes() == (root / "checkpoint_final.pth").read_bytes()
+
+
+def _study_config(published: dict) -> dict:
+    return {"seed": 0, "backbone": "resenc_demo",
+            "study": {"datasets": ["d"], "detectors": ["retina_unet"], "initialisations": ["scratch"],
+                      "folds": [0], "num_folds": 2},
+            "datasets": {"d": {"source": "synthetic", "synthetic": {"num_cases": 4, "shape": [16, 16, 16],
+                                                                    "spacing": [1, 1, 1]}}},
+            "detectors": {"retina_unet": {"patch_size": [16, 16, 16]}},
+            "pretraining": {"corpus": {"name": "c", "source": "synthetic",
+                                       "synthetic": {"num_cases": 2, "shape": [16, 16, 16], "spacing": [1, 1, 1]}},
+                            "methods": {},
+                            "published": published}}
+
+
+def test_study_config_checks_stem_settings() -> None:
+    from pretrain_det3d.settings.base import ConfigError
+    from pretrain_det3d.settings.study import validate_study_config
+
+    good = _study_config({"mt": {"url": "https://host/c.pth", "stem_per_dataset": {"d": "004"}}})
+    validate_study_config(good)
+    assert good["pretraining"]["published"]["mt"]["stem_per_dataset"] == {"d": "004"}
+    with pytest.raises(ConfigError, match=r"stem_per_dataset: \['duke'\] are not datasets"):
+        validate_study_config(_study_config({"mt": {"url": "https://host/c.pth", "stem_per_dataset": {"duke": "4"}}}))
+    with pytest.raises(ConfigError, match="pretraining.published.mt.stem"):
+        validate_study_config(_study_config({"mt": {"url": "https://host/c.pth", "stem": "a b"}}))

@@ -276,10 +276,10 @@ def test_mae_resume_checks_method_settings_iterations_and_corpus(corpus, tmp_pat
     trainer = _mae(corpus, out, threads=1, checkpoint_every=1)
     trainer.run()
     plan = torch.load(out, weights_only=True)["nnssl_adaptation_plan"]
-    recorded = plan["pretrain_plan"]["run_fingerprint"]
+    recorded = plan["run_fingerprint"]  # beside nnssl's Plan, which takes no other keys
     assert recorded["model"]["method"] == "mae" and recorded["training"]["iterations"] == 4
     assert recorded["cases"] == {"count": 2, "sha256": hashlib.sha256(b"vol_000\nvol_001").hexdigest()}
-    assert plan["pretrain_plan"]["configurations"]["patch_size"] == [16, 16, 16]
+    assert [c["patch_size"] for c in plan["pretrain_plan"]["configurations"].values()] == [[16, 16, 16]]
 
 
 def test_mae_checkpoint_without_fingerprint_is_refused(corpus, tmp_path, monkeypatch):

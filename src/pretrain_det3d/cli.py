@@ -172,7 +172,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     settings = {"threads": args.threads, **args.settings}
     check_detector_settings(args.detector, settings)
     run_finetuning(args.preprocessed, args.fold, args.detector, settings, args.init, args.out_dir, args.seed,
-                   train_subset=args.train_subset, schedule=args.schedule)
+                   train_subset=args.train_subset, schedule=args.schedule, init_stem=args.init_stem,
+                   init_stem_key=args.init_stem_key)
 
 
 def cmd_label_fraction_runs(args: argparse.Namespace) -> None:
@@ -457,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", required=True)
     p.add_argument("--settings", type=_settings, default={})
     p.add_argument("--init", default=None, help="pre-training checkpoint (nnssl schema); none = scratch")
+    p.add_argument("--init-stem", default=None,
+                   help="stem id to load from a checkpoint with one stem per source dataset (MultiTalent)")
+    p.add_argument("--init-stem-key", default="--init-stem", help="the config key that chose --init-stem (messages)")
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)

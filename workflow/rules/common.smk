@@ -116,6 +116,28 @@ def init_checkpoint(wildcards):
     return f"results/pretrain/{wildcards.init}/checkpoint_final.pth"
 
 
+def published_fetch_entry(name):
+    """The fetch's entry: the file's keys only (choosing another stem must not fetch the checkpoint again)."""
+    from pretrain_det3d.models.published import fetch_entry
+
+    return fetch_entry(PUBLISHED[name])
+
+
+def init_args(wildcards, input):
+    """Fine-tuning's `--init` and, for a published checkpoint, the stem it loads (models.published.published_init_stem:
+    pretraining.published.<init>.stem_per_dataset.<dataset>, else .stem; one-stem checkpoints ignore it)."""
+    from shlex import quote
+    from pretrain_det3d.models.published import published_init_stem
+
+    if not input.init:
+        return ""
+    if wildcards.init not in PUBLISHED:
+        return f"--init {input.init}"
+    stem, key = published_init_stem(PUBLISHED[wildcards.init], wildcards.dataset,
+                                     f"pretraining.published.{wildcards.init}")
+    return f"--init {input.init} --init-stem {quote(stem)} --init-stem-key {quote(key)}"
+
+
 def expand_runs(pattern, **wildcards):
     """``expand`` over the study's runs: each detector with its initialisations (``detector_initialisations``:
     its own ``initialisations`` list, else the study's), not the full product of detectors and initialisations."""

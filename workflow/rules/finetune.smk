@@ -23,7 +23,7 @@ rule finetune:
         preprocessed=lambda w, input: str(Path(input.plan).parent),
         detector=lambda w: config["detectors"][w.arch].get("detector", w.arch),
         settings=lambda w: as_json(finetuning_settings(config, w.arch)),
-        init_arg=lambda w, input: f"--init {input.init}" if input.init else "",
+        init_arg=init_args,
         out_dir=lambda w, output: str(Path(output.model).parent),
         seed=config["seed"],
     log:

@@ -33,7 +33,7 @@ rule fetch_published_checkpoint:
     wildcard_constraints:
         method=PUBLISHED_CHECKPOINTS,
     params:
-        entry=lambda w: as_json(PUBLISHED[w.method]),
+        entry=lambda w: as_json(published_fetch_entry(w.method)),
     log:
         "results/logs/fetch_published_checkpoint/{method}.log",
     benchmark:

@@ -5,6 +5,10 @@ it to ``results/pretrain/<name>/checkpoint_final.pth``, the same place a pre-tra
 name works as ``{init}`` everywhere a pre-trained method does. The file counts as fetched only after its hash
 matched and it loaded (``torch.load(weights_only=True)``) as an nnssl checkpoint.
 
+A MultiTalent checkpoint holds one stem per source dataset; the entry's ``stem`` (default: the release's CT stem
+:data:`MULTITALENT_CT_STEM`) and ``stem_per_dataset`` (dataset name -> stem id, e.g. an MRI dataset) choose the
+one fine-tuning loads (:func:`published_init_stem`); a checkpoint with one stem ignores both.
+
 Example:
     >>> entry = {"url": "https://huggingface.co/MIC-DKFZ/ResEncL-MissingPiece-MAE/resolve/main/checkpoint_final.pth",
     ...          "sha256": None}
@@ -24,8 +28,15 @@ from pretrain_det3d.utils.atomic import atomic_path, write_json
 
 LOGGER = logging.getLogger(__name__)
 
+#: keys of a published-checkpoint entry that choose the stem to load, not the file (they do not reach the fetch)
+STEM_ENTRY_KEYS = ("stem", "stem_per_dataset")
 #: keys a published-checkpoint entry may hold
-ENTRY_KEYS = ("url", "path", "sha256", "description", "licence")
+ENTRY_KEYS = ("url", "path", "sha256", "description", "licence", *STEM_ENTRY_KEYS)
+
+#: The CT stem of the authors' MultiTalent releases, what their plans' ``key_to_stem`` default to (nnDetection
+#: ``docs/finetuning.md`` section 3.4: "the CT stem (``351_0``) is what the provided checkpoints' plans default
+#: to"); the default of ``pretraining.published.<name>.stem`` (``settings.study.PublishedCheckpointEntry``).
+MULTITALENT_CT_STEM = "351_0"
 
 
 #: The authors' native Retina U-Net checkpoint (nnDetection docs/finetuning.md: "the encoder and FPN decoder of a
@@ -34,7 +45,7 @@ NATIVE_MULTITALENT_URL = (
     "https://huggingface.co/MIC-DKFZ/RetinaUNet-MissingPiece-MultiTalent/resolve/main/checkpoint_final.pth"
 )
 #: its default stem (the CT stem, docs/finetuning.md section 3.4); ``stem.<id>`` prefixes, one per source dataset
-NATIVE_MULTITALENT_DEFAULT_STEM = "stem.351_0"
+NATIVE_MULTITALENT_DEFAULT_STEM = f"stem.{MULTITALENT_CT_STEM}"
 #: the network it fixes, as ``architecture_plans.arch_kwargs`` keys (nndet/conf/train/model_cfg/
 #: retinaunet_l1_focal_atss_ms_ema_for_ConvBackboneMultiTalent.yaml ``backbone_kwargs``; used for keys a
 #: checkpoint's plan lacks)
@@ -92,6 +103,36 @@ def native_release_target_key(key: str, stem: str) -> str | None:
 
 class PublishedCheckpointError(ValueError):
     """A published-checkpoint entry or file is unusable; the message names the entry key or the file."""
+
+
+def published_init_stem(entry: Mapping[str, Any], dataset: str,
+                        where: str = "pretraining.published") -> tuple[str, str]:
+    """``(stem id, config key)``: the stem fine-tuning on ``dataset`` loads from the entry's checkpoint.
+
+    ``stem_per_dataset[dataset]`` where the entry has one for ``dataset``, else ``stem``, else the release's CT
+    stem; the config key names where the choice came from (for the error listing the stems present).
+
+    Example:
+        >>> published_init_stem({"stem_per_dataset": {"duke_breast": "004"}}, "duke_breast", "pretraining.published.mt")
+        ('004', 'pretraining.published.mt.stem_per_dataset.duke_breast')
+        >>> published_init_stem({}, "luna16", "pretraining.published.mt")
+        ('351_0', 'pretraining.published.mt.stem')
+    """
+    per_dataset = entry.get("stem_per_dataset") or {}
+    if dataset in per_dataset:
+        return str(per_dataset[dataset]), f"{where}.stem_per_dataset.{dataset}"
+    return str(entry.get("stem") or MULTITALENT_CT_STEM), f"{where}.stem"
+
+
+def fetch_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of an entry that describe the file (without the stem choice: choosing another stem must not fetch
+    the checkpoint again).
+
+    Example:
+        >>> fetch_entry({"url": "https://host/c.pth", "sha256": None, "stem": "004"})
+        {'url': 'https://host/c.pth', 'sha256': None}
+    """
+    return {key: value for key, value in entry.items() if key not in STEM_ENTRY_KEYS}
 
 
 def _check_entry(entry: Mapping[str, Any], where: str) -> None:

@@ -89,14 +89,18 @@ def build_detector(
     return model
 
 
-def transfer_pretrained(model: nn.Module, path: str | os.PathLike):
+def transfer_pretrained(model: nn.Module, path: str | os.PathLike, stem: str | None = None, stem_key: str = "stem"):
     """Initialise ``model`` from a pre-training checkpoint: the model's own ``load_pretrained(path)`` where it has
-    one (a detector with its own checkpoint layout), otherwise the stem and encoder transfer of
-    :func:`~pretrain_det3d.models.checkpoint.load_pretrained_encoder`. Returns the ``TransferReport``."""
+    one (a detector with its own checkpoint layout; ``stem`` reaches it when it takes one), otherwise the stem and
+    encoder transfer of :func:`~pretrain_det3d.models.checkpoint.load_pretrained_encoder` with the stem choice of a
+    multi-stem checkpoint (``stem``, chosen by config key ``stem_key``). Returns the ``TransferReport``."""
     from pretrain_det3d.models.checkpoint import load_pretrained_encoder
 
     loader = getattr(model, "load_pretrained", None)
-    return loader(path) if callable(loader) else load_pretrained_encoder(model, path)
+    if callable(loader):
+        takes_stem = stem is not None and "stem" in inspect.signature(loader).parameters
+        return loader(path, stem=stem) if takes_stem else loader(path)
+    return load_pretrained_encoder(model, path, stem=stem, stem_key=stem_key)
 
 
 def save_detector(

@@ -24,8 +24,8 @@ def run_pretraining(
     preprocessed datasets listed in ``settings["datasets"]`` and ignores ``corpus_root`` (may be ``None``).
 
     ``out_path`` receives an nnssl-format checkpoint (pre-training patch size included, and the run's fingerprint
-    under ``nnssl_adaptation_plan["pretrain_plan"]["run_fingerprint"]``); the run keeps ``checkpoint_latest.pth``
-    beside it while training and resumes from it when rerun, unless the settings, the method, the corpus's case
+    under ``nnssl_adaptation_plan["run_fingerprint"]``, beside nnssl's ``pretrain_plan``); the run keeps
+    ``checkpoint_latest.pth`` beside it while training and resumes from it when rerun, unless the settings, the method, the corpus's case
     list, the seed or the versions changed since it was written: then the rerun raises ``StaleCheckpointError``
     listing the changes (``PRETRAIN_DET3D_STALE_CHECKPOINT=move`` moves the old checkpoint aside and starts over).
     ``log_path`` defaults to ``log.csv`` beside ``out_path``. Settings: ``preset``, ``iterations``, ``batch_size``, ``patch_size``,

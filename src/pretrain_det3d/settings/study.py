@@ -163,6 +163,23 @@ class PublishedCheckpointEntry(Settings):
     sha256: str | None = Field(None, description="Expected sha256 of the file (checked when given).")
     description: str | None = Field(None, description="What the checkpoint is.")
     licence: str | None = Field(None, description="Its licence.")
+    stem: str = Field("351_0", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Stem to load from a "
+                      "checkpoint with one stem per source dataset (MultiTalent: encoder.stem.<id>): its id, or its "
+                      "whole prefix; default the release's CT stem (nnDetection docs/finetuning.md 3.4). A checkpoint "
+                      "with one stem ignores it.")
+    stem_per_dataset: dict[str, str] = Field(default_factory=dict, description="Dataset name -> stem id for "
+                                             "fine-tuning on that dataset instead of 'stem' (e.g. an MRI dataset "
+                                             "-> an MRI stem).")
+
+    @field_validator("stem_per_dataset")
+    @classmethod
+    def _check_stem_ids(cls, stems: dict[str, str]) -> dict[str, str]:
+        import re
+
+        bad = {name: stem for name, stem in stems.items() if not re.fullmatch(r"[A-Za-z0-9_.-]+", stem)}
+        if bad:
+            raise ValueError(f"stem ids are letters, digits, '_', '.' and '-': {bad}")
+        return stems
 
 
 class PretrainingSection(Settings):
@@ -196,6 +213,16 @@ class StudyConfig(Settings):
     statistics: StatisticsSettings = Field(default_factory=StatisticsSettings, description="Report statistics.")
     resources: dict[str, ResourceSettings] = Field(default_factory=dict, description="Rule name (or 'default') -> "
                                                    "threads, mem_mb, runtime.")
+
+    @model_validator(mode="after")
+    def _check_stem_datasets(self) -> "StudyConfig":
+        # a misspelt dataset would silently fine-tune from the default (CT) stem
+        for name, entry in (self.pretraining.published or {}).items():
+            unknown = sorted(set(entry.stem_per_dataset) - set(self.datasets))
+            if unknown:
+                raise ValueError(f"pretraining.published.{name}.stem_per_dataset: {unknown} are not datasets "
+                                 f"(datasets: {sorted(self.datasets)})")
+        return self
 
 
 def _validated_entries(entries: Mapping[str, Any], where: str, name_key: str, lookup) -> dict[str, dict[str, Any]]:

@@ -86,6 +86,8 @@ def run_finetuning(
     log_path: str | os.PathLike | None = None,
     train_subset: str | os.PathLike | None = None,
     schedule: str = "same",
+    init_stem: str | None = None,
+    init_stem_key: str = "stem",
 ) -> Path:
     """Train ``detector`` on the training cases of ``fold`` and write ``{out_dir}/model_final.pth``.
 
@@ -100,7 +102,9 @@ def run_finetuning(
     ``StaleCheckpointError`` (see ``training.trainer``). ``log_path`` defaults to ``{out_dir}/log.csv``.
     ``train_subset`` (a label-fraction subset file, ``data.label_fractions``) replaces the fold's training cases by
     its ``train`` list; with ``schedule="scaled"`` the iterations and warm-up are then scaled by the subset's share
-    of the fold's training cases (``"same"``: unchanged). Returns the path of the final model.
+    of the fold's training cases (``"same"``: unchanged). ``init_stem``: the stem to load from a checkpoint with one
+    stem per source dataset (MultiTalent; ``init_stem_key`` is the config key that chose it, for the error that
+    lists the stems present); a checkpoint with one stem ignores it. Returns the path of the final model.
     """
     from pretrain_det3d.models.registry import build_detector, get_detector_class, transfer_pretrained
 
@@ -141,12 +145,15 @@ def run_finetuning(
     if label_fraction is not None:
         extra["label_fraction"] = label_fraction
     if init_checkpoint is not None:
-        report = transfer_pretrained(model, init_checkpoint)
+        report = transfer_pretrained(model, init_checkpoint, stem=init_stem, stem_key=init_stem_key)
         counts = {"loaded": len(report.loaded_keys), "skipped": len(report.skipped_keys),
                   "adapted": len(report.adapted_keys)}
-        LOGGER.info("encoder transfer from %s: %s (skipped: %s; adapted: %s)", init_checkpoint, counts,
-                    summarize_keys(report.skipped_keys), summarize_keys(report.adapted_keys))
+        LOGGER.info("encoder transfer from %s (stem %s): %s (skipped: %s; adapted: %s)", init_checkpoint,
+                    getattr(report, "stem", None), counts, summarize_keys(report.skipped_keys),
+                    summarize_keys(report.adapted_keys))
         extra["transfer_report"] = counts
+        if getattr(report, "stem", None) is not None:
+            extra["init_stem"] = report.stem  # the checkpoint prefix that was loaded
 
     with contextlib.ExitStack() as stack:
         data_root = root
