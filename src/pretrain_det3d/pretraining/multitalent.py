@@ -1,9 +1,42 @@
-"""Supervised multi-dataset segmentation pre-training (MultiTalent, Ulrich et al., MICCAI 2023).
+"""MultiTalent: supervised multi-dataset segmentation pre-training (Ulrich et al., MICCAI 2023), as the v2 code
+behind the authors' ResEnc-L checkpoint (``MIC-DKFZ/ResEncL-MissingPiece-MultiTalent``).
 
-Several labelled segmentation datasets, each annotating its own set of classes, train one ResEnc U-Net with one
-sigmoid output channel per (dataset, class) pair. A patch of dataset ``d`` is supervised only on ``d``'s
-channels: binary cross-entropy and soft Dice are computed on those channels and every other channel gets zero
-weight (and so zero gradient), because dataset ``d`` says nothing about the classes it does not annotate.
+Several labelled segmentation datasets, each annotating its own classes, train one ResEnc U-Net: the encoder and
+decoder are shared, every dataset has its own segmentation head (and, by default, its own input stem), so a case
+is only ever asked about the classes its dataset annotates. What follows the authors' v2 code (MIC-DKFZ/MultiTalent
+``multitalent/training/nnUNetTrainer/project_specific/MultiTalent_native/MultiTalent_trainer.py`` and
+``MultiTalent_multistem.py``, ``multitalent/utilities/MultiTalent/``):
+
+- heads: one head per dataset, a 1x1x1 conv per decoder resolution (``decoder.seg_layers.<head>.<stage>``); a
+  dataset with more than ``max_classes_per_head`` classes (the release: 20) gets one head per group of that many
+  classes, ids ``<dataset>_<group>`` (the release's ``351_0``), classes of other groups count as background there.
+  A sample runs only through its own head, so a head gets gradients only from its own dataset's cases;
+- loss (``loss: ce``, the release's ``DC_and_CE_loss`` for label datasets): per sample, softmax cross-entropy over
+  the head's classes plus background, and soft Dice over its foreground classes (nnU-Net's
+  ``MemoryEfficientSoftDiceLoss``: smooth 0, denominator clipped at 1e-8, mean over classes), each weight 1; the
+  batch loss is the *sum* over samples, as the release adds up the per-sample losses. ``loss: bce`` is the first
+  MultiTalent paper's variant: one sigmoid per class, BCE + Dice over all of the head's channels;
+- deep supervision: every decoder resolution has an output; weights ``1/2^i`` (``i = 0`` the full resolution),
+  the lowest resolution 0, normalised to sum 1; targets are the label map resized with nearest-exact
+  interpolation (batchgeneratorsv2's ``DownsampleSegForDSTransform``); zero-weight outputs are not computed;
+- sampling: a case of dataset ``d`` (``n_d`` cases) is drawn with probability proportional to
+  ``n_d ** -case_weight_exponent`` (the release: ``1 / sqrt(n_d)``), so dataset ``d`` is drawn with probability
+  ``sqrt(n_d) / sum_j sqrt(n_j)``: small datasets are seen more often than their share of cases, large ones
+  less, but a larger dataset is still seen more often than a smaller one. A split dataset's groups are then drawn
+  uniformly. Each sample independently is a foreground sample with probability ``foreground_fraction`` (0.33,
+  the release's probabilistic oversampling): a class of the head present in the case is drawn uniformly, then one
+  of its voxels (up to 10,000 kept per class and case, as nnU-Net's ``class_locations``) becomes the patch centre;
+- stems (``stems: per_dataset``, the release's multi-stem network): one stem per head, ``encoder.stem.<head>``.
+
+Checkpoint (nnssl's schema, ``models.checkpoint``): ``network_weights`` holds every tensor of the network
+(``encoder.stem.<head>.convs.0.{conv,norm}.{weight,bias}`` and their ``all_modules.{0,1}`` aliases per stem,
+``encoder.stages.*``, ``decoder.*`` with ``decoder.seg_layers.<head>.<stage>.{weight,bias}``, and the decoder's
+``decoder.encoder.*`` alias of the encoder as in every ``dynamic_network_architectures`` U-Net);
+``nnssl_adaptation_plan.key_to_stem`` is ``encoder.stem.<default_stem>`` and ``keys_to_in_proj`` its
+``convs.0.conv`` / ``convs.0.all_modules.0``, as the authors' file names ``encoder.stem.351_0``, so a loader
+reads ours like theirs, and any other stem is chosen by its prefix (the release's ``stem_override``, e.g.
+``encoder.stem.004``). With ``stems: shared`` the stem is ``encoder.stem`` as for every other method. The plan's
+``multitalent`` entry lists the heads (dataset, classes) and stems.
 
 Data: each entry of ``settings["datasets"]`` is ``{"name": str, "root": path, "classes": [names]}`` where
 ``root`` is a *preprocessed* dataset folder (``plan.json`` + ``cases/``, what
@@ -11,8 +44,7 @@ Data: each entry of ``settings["datasets"]`` is ``{"name": str, "root": path, "c
 a voxel is the class of the instance it belongs to (``cases/{case}_seg.npy`` + ``cases/{case}.json``), so a
 segmentation dataset in the converted format stores each labelled structure as an instance of its class.
 ``classes`` (default: every class of the dataset's ``plan.json``) picks the classes learnt; a class left out
-gets no channel. All cases of every dataset are used (uniformly over cases, with nnU-Net's 33 % foreground
-oversampling); the corpus of the other methods (``corpus_root``) is not read.
+counts as background. All cases of every dataset are used; the corpus of the other methods is not read.
 
 For the demo, :func:`write_synthetic_organ_dataset` writes organ segmentation datasets in the converted format
 from the synthetic phantoms (``soft_tissue``, ``liver``, ``lung``, ``spine`` compartments).
@@ -27,6 +59,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -38,22 +71,33 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
+from pretrain_det3d.models.checkpoint import adaptation_plan, multitalent_stem_prefix
 from pretrain_det3d.pretraining.trainer import METHODS, PretrainingTrainer
-from pretrain_det3d.training.dataloader import CaseRecord, load_case_records
 from pretrain_det3d.settings.pretraining import MultiTalentSettings
 from pretrain_det3d.settings.pretraining import training_defaults as method_training_defaults
+from pretrain_det3d.training.dataloader import (
+    CaseRecord,
+    PatchBatchStream,
+    choose_patch_centre,
+    load_case_records,
+    read_region,
+    IMAGE_PAD_VALUE,
+    SEG_PAD_VALUE,
+)
+from pretrain_det3d.utils.atomic import save_torch
 
 DATASETS_KEY = "datasets"
 CASE_SEPARATOR = "/"  # record case ids are "{dataset}/{case}": case ids of different datasets may coincide
-NO_CHANNEL = -1  # background, or a class the dataset annotates but the run does not learn
-# nnU-Net's (and so MultiTalent's) foreground oversampling
-FOREGROUND_FRACTION = MultiTalentSettings.default("foreground_fraction")
-DICE_SMOOTH = 1e-5  # nnU-Net's soft Dice smoothing
-BCE_WEIGHT = MultiTalentSettings.default("bce_weight")
-DICE_WEIGHT = MultiTalentSettings.default("dice_weight")
+# a head id is a state-dict key segment (encoder.stem.<id>, decoder.seg_layers.<id>): no "." inside
+FORBIDDEN_NAME_CHARACTERS = (CASE_SEPARATOR, ".")
 PLAN_FILE = "plan.json"
+LOSSES = ("ce", "bce")
+STEM_CHOICES = ("per_dataset", "shared")
+DICE_DENOMINATOR_MIN = 1e-8  # nnU-Net's MemoryEfficientSoftDiceLoss (smooth 0) clips its denominator here
+MAX_CLASS_VOXELS = 10_000  # nnU-Net keeps up to 10,000 voxels per class as foreground-sampling locations
 
 # ---- synthetic organ datasets (demo) ---------------------------------------------------------------------
 #: organ name -> compartment labels of ``data.synthetic``'s anatomy (1 body soft tissue, 2 liver, 3 and 4 the
@@ -64,21 +108,32 @@ REPLAY_TOLERANCE_HU = 60.0  # mean |phantom - anatomy| outside lesions; the phan
 ORGAN_LICENCE = "CC0-1.0 (synthetic phantoms generated by pretrain_det3d)"
 
 
+# ---- datasets and heads ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LabelledDataset:
-    """One dataset of the MultiTalent mix: where it lives, the classes learnt and their output channels.
-
-    ``class_channels[c]`` is the output channel of the dataset's class index ``c`` (``NO_CHANNEL`` when the
-    class is not learnt); ``channels`` lists the dataset's output channels in ``classes`` order.
-    """
+    """One dataset of the MultiTalent mix: where it lives, its classes (``class_names``, the plan's class-index
+    order) and those learnt (``classes``, in the settings' order)."""
 
     name: str
     root: Path
     classes: tuple[str, ...]
-    class_channels: tuple[int, ...]
-    channels: tuple[int, ...]
+    class_names: tuple[str, ...]
     case_ids: tuple[str, ...]
     num_input_channels: int
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One segmentation head: a dataset, or one group of classes of a dataset with many classes.
+
+    ``class_labels[c]`` is the label of the dataset's class index ``c`` in this head (``k + 1`` for
+    ``classes[k]``; 0, background, for a class the head does not learn).
+    """
+
+    id: str
+    dataset: int
+    classes: tuple[str, ...]
+    class_labels: tuple[int, ...]
 
 
 def _read_plan(root: Path, where: str) -> dict[str, Any]:
@@ -96,27 +151,26 @@ def _read_plan(root: Path, where: str) -> dict[str, Any]:
 
 
 def parse_datasets(settings: Mapping[str, Any]) -> list[LabelledDataset]:
-    """Validate ``settings["datasets"]`` and assign output channels, dataset by dataset in list order.
+    """Validate ``settings["datasets"]`` and read each dataset's plan.
 
     Example:
-        >>> [d.channels for d in parse_datasets({"datasets": [
+        >>> [d.classes for d in parse_datasets({"datasets": [
         ...     {"name": "a", "root": "pre/a", "classes": ["liver", "lung"]},
-        ...     {"name": "b", "root": "pre/b", "classes": ["lung"]}]})]  # doctest: +SKIP
-        [(0, 1), (2,)]
+        ...     {"name": "b", "root": "pre/b"}]})]  # doctest: +SKIP
+        [('liver', 'lung'), ('lung', 'spine')]
     """
     entries = settings.get(DATASETS_KEY)
     if not isinstance(entries, (list, tuple)) or not entries:
         raise ValueError(f"settings key {DATASETS_KEY!r} must be a non-empty list of {{name, root, classes}}")
     datasets: list[LabelledDataset] = []
-    next_channel = 0
     for index, entry in enumerate(entries):
         where = f"{DATASETS_KEY}[{index}]"
         if not isinstance(entry, Mapping) or "name" not in entry or "root" not in entry:
             raise ValueError(f"settings key {where} must be a mapping with 'name' and 'root', got {entry!r}")
         name = str(entry["name"])
-        if not name or CASE_SEPARATOR in name or any(d.name == name for d in datasets):
+        if not name or any(ch in name for ch in FORBIDDEN_NAME_CHARACTERS) or any(d.name == name for d in datasets):
             raise ValueError(f"settings key {where}.name must be unique, non-empty and free of "
-                             f"{CASE_SEPARATOR!r}, got {name!r}")
+                             f"{' and '.join(repr(c) for c in FORBIDDEN_NAME_CHARACTERS)}, got {name!r}")
         root = Path(entry["root"])
         plan = _read_plan(root, where)
         available = [str(c) for c in plan["class_names"]]
@@ -125,17 +179,13 @@ def parse_datasets(settings: Mapping[str, Any]) -> list[LabelledDataset]:
         if unknown or len(set(classes)) != len(classes):
             raise ValueError(f"settings key {where}.classes must name distinct classes of {root / PLAN_FILE} "
                              f"{available}, got {classes}")
-        channel_of = {c: next_channel + i for i, c in enumerate(classes)}
-        class_channels = tuple(channel_of.get(c, NO_CHANNEL) for c in available)
         case_ids = plan.get("case_ids") or sorted(
             p.stem for p in (root / "cases").glob("*.npy") if not p.stem.endswith("_seg")
         )
         datasets.append(LabelledDataset(
-            name=name, root=root, classes=tuple(classes), class_channels=class_channels,
-            channels=tuple(channel_of[c] for c in classes), case_ids=tuple(str(c) for c in case_ids),
-            num_input_channels=len(plan["modalities"]),
+            name=name, root=root, classes=tuple(classes), class_names=tuple(available),
+            case_ids=tuple(str(c) for c in case_ids), num_input_channels=len(plan["modalities"]),
         ))
-        next_channel += len(classes)
     channels = {d.num_input_channels for d in datasets}
     if len(channels) != 1:
         raise ValueError(f"settings key {DATASETS_KEY!r}: datasets must share one number of input channels, got "
@@ -143,93 +193,407 @@ def parse_datasets(settings: Mapping[str, Any]) -> list[LabelledDataset]:
     return datasets
 
 
-def channel_names(datasets: Sequence[LabelledDataset]) -> list[str]:
-    """``"{dataset}/{class}"`` for every output channel, in channel order."""
-    return [f"{d.name}{CASE_SEPARATOR}{c}" for d in datasets for c in d.classes]
-
-
-def channel_lookup(instances: Mapping[int, int], class_channels: Sequence[int]) -> torch.Tensor:
-    """Output channel of every instance id ``[max_id + 1]`` (``NO_CHANNEL`` for id 0 and unlearnt classes).
+def plan_heads(datasets: Sequence[LabelledDataset], max_classes_per_head: int) -> list[HeadSpec]:
+    """One head per dataset, or one per group of ``max_classes_per_head`` classes (ids ``<name>_<group>``).
 
     Example:
-        >>> channel_lookup({1: 0, 2: 1, 3: 0}, class_channels=(4, -1)).tolist()
-        [-1, 4, -1, 4]
+        >>> d = LabelledDataset("351", Path("x"), ("a", "b", "c"), ("c", "b", "a"), (), 1)
+        >>> [(h.id, h.classes, h.class_labels) for h in plan_heads([d], 2)]
+        [('351_0', ('a', 'b'), (0, 2, 1)), ('351_1', ('c',), (1, 0, 0))]
     """
-    size = max(instances, default=0) + 1
-    lookup = torch.full((size,), NO_CHANNEL, dtype=torch.long)
+    if max_classes_per_head < 1:
+        raise ValueError(f"settings key 'max_classes_per_head' must be >= 1, got {max_classes_per_head}")
+    heads: list[HeadSpec] = []
+    for index, dataset in enumerate(datasets):
+        size = int(max_classes_per_head)
+        groups = [dataset.classes[i:i + size] for i in range(0, len(dataset.classes), size)]
+        for number, group in enumerate(groups):
+            head_id = dataset.name if len(groups) == 1 else f"{dataset.name}_{number}"
+            labels = tuple(group.index(c) + 1 if c in group else 0 for c in dataset.class_names)
+            heads.append(HeadSpec(head_id, index, tuple(group), labels))
+    ids = [h.id for h in heads]
+    clashes = sorted({i for i in ids if ids.count(i) > 1})
+    if clashes:
+        raise ValueError(f"settings key {DATASETS_KEY!r}: head ids {clashes} occur twice (a dataset named like "
+                         f"another's class group '<name>_<group>'); rename one dataset")
+    return heads
+
+
+def head_lookup(instances: Mapping[int, int], class_labels: Sequence[int]) -> torch.Tensor:
+    """Label in one head of every instance id ``[max_id + 1]`` (0 for id 0 and classes the head does not learn).
+
+    Example:
+        >>> head_lookup({1: 0, 2: 1, 3: 0}, class_labels=(2, 0)).tolist()
+        [0, 2, 0, 2]
+    """
+    lookup = torch.zeros(max(instances, default=0) + 1, dtype=torch.long)
     for instance_id, class_index in instances.items():
-        if not 0 <= class_index < len(class_channels):
+        if not 0 <= class_index < len(class_labels):
             raise ValueError(f"instance {instance_id} has class {class_index}, outside the dataset's "
-                             f"{len(class_channels)} classes")
-        lookup[instance_id] = class_channels[class_index]
+                             f"{len(class_labels)} classes")
+        lookup[instance_id] = class_labels[class_index]
     return lookup
 
 
-def label_targets(instance_map: torch.Tensor, lookup: torch.Tensor, num_channels: int) -> torch.Tensor:
-    """Binary targets ``[K, Z, Y, X]`` of one sample: channel ``k`` is 1 where the voxel's instance maps to ``k``.
+# ---- sampling --------------------------------------------------------------------------------------------
+def case_probabilities(dataset_of_case: Sequence[int], exponent: float) -> np.ndarray:
+    """Probability of drawing each case: ``n_d ** -exponent`` for a case of dataset ``d`` (``n_d`` cases),
+    normalised; dataset ``d`` then has probability ``n_d ** (1 - exponent) / sum_j n_j ** (1 - exponent)``.
 
     Example:
-        >>> label_targets(torch.tensor([[[0, 1, 2]]]), torch.tensor([-1, 1, 0]), 3)[:, 0, 0].tolist()
-        [[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+        >>> case_probabilities([0, 0, 0, 0, 1], 0.5).round(4).tolist()  # 1/sqrt(4) = 0.5 and 1/sqrt(1) = 1
+        [0.1667, 0.1667, 0.1667, 0.1667, 0.3333]
     """
-    channel_map = lookup.to(instance_map.device)[instance_map.long()]  # [Z, Y, X], NO_CHANNEL where unlabelled
-    channels = torch.arange(num_channels, device=instance_map.device).view(-1, 1, 1, 1)
-    return (channel_map[None] == channels).float()  # [K, Z, Y, X]
+    datasets = np.asarray(dataset_of_case, dtype=np.int64)
+    if datasets.size == 0:
+        raise ValueError("no cases to sample from")
+    counts = np.bincount(datasets)
+    weights = counts[datasets].astype(np.float64) ** -float(exponent)
+    return weights / weights.sum()
 
 
-def channel_mask(dataset_indices: Sequence[int], datasets: Sequence[LabelledDataset]) -> torch.Tensor:
-    """``[B, K]`` bool: True on the channels of each sample's own dataset (the only ones with a loss).
+def clamp_centre(voxel: Sequence[int], shape: Sequence[int], patch_size: Sequence[int]) -> np.ndarray:
+    """Centre a patch on ``voxel``, moved just enough that the patch stays inside the case (an axis shorter than
+    the patch: the middle), the range :func:`choose_patch_centre` draws from.
 
     Example:
-        >>> ds = [LabelledDataset("a", Path("a"), ("x", "y"), (0, 1), (0, 1), (), 1),
-        ...       LabelledDataset("b", Path("b"), ("z",), (2,), (2,), (), 1)]
-        >>> channel_mask([1, 0], ds).tolist()
-        [[False, False, True], [True, True, False]]
+        >>> clamp_centre((1, 30, 5), (40, 40, 6), (16, 16, 16)).tolist()
+        [8, 30, 3]
     """
-    num_channels = sum(len(d.channels) for d in datasets)
-    mask = torch.zeros(len(dataset_indices), num_channels, dtype=torch.bool)
-    for sample, index in enumerate(dataset_indices):
-        mask[sample, list(datasets[index].channels)] = True
-    return mask
+    centre = np.empty(3, dtype=np.int64)
+    for axis, (position, extent, size) in enumerate(zip(voxel, shape, patch_size)):
+        lo, hi = size // 2, extent - (size - size // 2)
+        centre[axis] = extent // 2 if hi < lo else min(max(int(position), lo), hi)
+    return centre
 
 
-def masked_bce_dice(
-    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sigmoid BCE and soft Dice loss on the (sample, channel) pairs where ``mask [B, K]`` is True.
+class MultiTalentPatchStream(PatchBatchStream):
+    """Batches of MultiTalent samples: a case by :func:`case_probabilities`, one of its dataset's heads uniformly,
+    a foreground sample with probability ``foreground_fraction``; every sample a pure function of
+    ``(seed, batch_index, sample_index)`` as in :class:`PatchBatchStream`.
 
-    BCE: mean over every voxel of the selected pairs. Dice (nnU-Net's batch Dice): per channel, over the samples
-    that annotate it, ``1 - (2 sum(p t) + s) / (sum p + sum t + s)``, averaged over the channels annotated in
-    the batch. Unselected pairs are multiplied by zero, so they add neither loss nor gradient.
+    A batch holds ``images [B, C, Z, Y, X]``, ``labels [B, Z, Y, X]`` (each sample's labels in its own head:
+    0 background, ``k + 1`` the head's class ``k``), ``heads [B]`` (head indices), ``instance_maps``,
+    ``case_ids``, ``foreground_sampled`` and ``origins``.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[CaseRecord],
+        dataset_of_case: Sequence[int],
+        heads: Sequence[HeadSpec],
+        case_weight_exponent: float,
+        patch_size: Sequence[int],
+        batch_size: int,
+        seed: int,
+        foreground_fraction: float,
+        augmentation: Any = None,
+        start_batch: int = 0,
+        num_batches: int | None = None,
+        memory_map: bool = True,
+    ) -> None:
+        super().__init__(records, patch_size, batch_size, seed, foreground_fraction=foreground_fraction,
+                         augmentation=augmentation, start_batch=start_batch, num_batches=num_batches,
+                         with_labels=True, memory_map=memory_map)
+        if len(dataset_of_case) != len(self.records):
+            raise ValueError(f"{len(dataset_of_case)} dataset indices for {len(self.records)} cases")
+        self.dataset_of_case = [int(d) for d in dataset_of_case]
+        self.heads = list(heads)
+        self.heads_of_dataset = {d: [i for i, h in enumerate(self.heads) if h.dataset == d]
+                                 for d in set(self.dataset_of_case)}
+        headless = sorted(d for d, options in self.heads_of_dataset.items() if not options)
+        if headless:
+            raise ValueError(f"datasets {headless} have cases but no head")
+        self.case_cdf = np.cumsum(case_probabilities(self.dataset_of_case, case_weight_exponent))
+        self._class_voxels: dict[tuple[int, int], np.ndarray] = {}
+
+    def choose(self, rng: np.random.Generator) -> tuple[int, int, bool]:
+        """``(case index, head index, foreground)`` of one sample."""
+        case = min(int(np.searchsorted(self.case_cdf, rng.random() * self.case_cdf[-1], side="right")),
+                   len(self.records) - 1)
+        options = self.heads_of_dataset[self.dataset_of_case[case]]
+        head = options[int(rng.integers(len(options)))]
+        return case, head, bool(rng.random() < self.foreground_fraction)
+
+    def class_voxels(self, case_index: int, class_index: int) -> np.ndarray:
+        """Voxels ``[N, 3]`` of dataset class ``class_index`` in a case: all of them, or a fixed random subset of
+        ``MAX_CLASS_VOXELS`` (seeded by case and class, so every process keeps the same ones)."""
+        key = (case_index, class_index)
+        if key not in self._class_voxels:
+            record = self.records[case_index]
+            seg = self.open_array(record.seg_path)
+            found = []
+            for instance_id, extent in zip(record.object_ids, record.object_extents):
+                if record.instances.get(int(instance_id)) != class_index:
+                    continue
+                window = tuple(slice(int(a), int(b)) for a, b in zip(extent[:3], extent[3:]))
+                found.append(np.argwhere(np.asarray(seg[window]) == instance_id) + extent[:3])
+            voxels = np.concatenate(found) if found else np.zeros((0, 3), dtype=np.int64)
+            if len(voxels) > MAX_CLASS_VOXELS:
+                rng = np.random.default_rng([zlib.crc32(record.case_id.encode()), class_index])
+                voxels = voxels[np.sort(rng.choice(len(voxels), MAX_CLASS_VOXELS, replace=False))]
+            self._class_voxels[key] = voxels
+        return self._class_voxels[key]
+
+    def sample(self, batch_index: int, sample_index: int) -> dict[str, Any]:
+        rng = np.random.default_rng([self.seed, batch_index, sample_index])
+        case_index, head_index, foreground = self.choose(rng)
+        record, head = self.records[case_index], self.heads[head_index]
+        image_file = self.open_array(record.image_path)
+        if image_file.ndim != 4:
+            raise ValueError(f"{record.image_path}: expected a [C, Z, Y, X] array, got shape {image_file.shape}")
+        shape = image_file.shape[1:]
+        centre = None
+        if foreground:
+            present = sorted({c for c in record.instances.values()
+                              if 0 <= c < len(head.class_labels) and head.class_labels[c] > 0})
+            if present:  # nnU-Net: a class of the case uniformly, then one of its voxels uniformly
+                voxels = self.class_voxels(case_index, present[int(rng.integers(len(present)))])
+                if len(voxels):
+                    centre = clamp_centre(voxels[int(rng.integers(len(voxels)))], shape, self.patch_size)
+        if centre is None:  # a background sample, or a case without any of the head's classes
+            foreground = False
+            centre = choose_patch_centre(shape, self.patch_size, rng)
+        region = self.augmenter.input_size
+        start = [int(c) - r // 2 for c, r in zip(centre, region)]
+        image = torch.from_numpy(read_region(image_file, start, region, IMAGE_PAD_VALUE).astype(np.float32, copy=False))
+        seg_file = self.open_array(record.seg_path)
+        if seg_file.shape != shape:
+            raise ValueError(f"{record.seg_path}: shape {seg_file.shape} differs from the image's {shape}")
+        instance_map = torch.from_numpy(read_region(seg_file, start, region, SEG_PAD_VALUE).astype(np.int16))
+        augment_seed = int(np.random.SeedSequence([self.seed, batch_index, sample_index, 1]).generate_state(1)[0])
+        image, instance_map = self.augmenter(image, instance_map, augment_seed)
+        lookup = head_lookup(record.instances, head.class_labels)
+        ids = instance_map.long()
+        if ids.numel() and int(ids.max()) >= len(lookup):
+            raise ValueError(f"{record.seg_path}: instance id {int(ids.max())} has no class in {record.case_id}.json")
+        return {
+            "image": image, "case_id": record.case_id, "foreground_sampled": foreground, "head": head_index,
+            "origin": [b + (r - p) // 2 for b, r, p in zip(start, region, self.patch_size)],
+            "instance_map": instance_map, "labels": lookup[ids],
+        }
+
+    def make_batch(self, batch_index: int) -> dict[str, Any]:
+        samples = [self.sample(batch_index, i) for i in range(self.batch_size)]
+        return {
+            "images": torch.stack([s["image"] for s in samples]),
+            "labels": torch.stack([s["labels"] for s in samples]),
+            "heads": torch.tensor([s["head"] for s in samples], dtype=torch.long),
+            "instance_maps": torch.stack([s["instance_map"] for s in samples]),
+            "case_ids": [s["case_id"] for s in samples],
+            "foreground_sampled": torch.tensor([bool(s["foreground_sampled"]) for s in samples]),
+            "origins": torch.tensor([s["origin"] for s in samples], dtype=torch.int64),
+        }
+
+
+# ---- network ---------------------------------------------------------------------------------------------
+class MultiTalentUNet(nn.Module):
+    """A ``dynamic_network_architectures`` ResEnc U-Net with one segmentation head per head id (and optionally one
+    stem per head id): ``decoder.seg_layers.<head>.<stage>`` and ``encoder.stem.<head>``.
+
+    ``forward(images, heads, levels)`` runs every sample through the shared trunk and its own stem and head and
+    returns, per sample, the logits ``[1, K_head, ...]`` of each requested output level (0 = full resolution,
+    ``i`` = the decoder output ``2^i`` coarser on strided axes), so heads with different class counts share a batch.
 
     Example:
-        >>> logits, targets = torch.zeros(1, 2, 1, 1, 2), torch.ones(1, 2, 1, 1, 2)
-        >>> bce, dice = masked_bce_dice(logits, targets, torch.tensor([[True, False]]))
-        >>> round(bce.item(), 4), round(dice.item(), 4)  # ln 2; 1 - 2 * 1 / (1 + 2)
-        (0.6931, 0.3333)
+        >>> from pretrain_det3d.models.backbone import build_resenc_unet
+        >>> net = MultiTalentUNet(build_resenc_unet("resenc_demo", 1, 1), {"a": 3, "b": 2}, per_head_stems=True)
+        >>> out = net(torch.zeros(2, 1, 16, 16, 16), torch.tensor([1, 0]), levels=[0, 1])
+        >>> [tuple(o.shape) for o in out[0]], sorted(net.encoder.stem)
+        ([(1, 2, 16, 16, 16), (1, 2, 8, 8, 8)], ['a', 'b'])
     """
-    if mask.shape != logits.shape[:2]:
-        raise ValueError(f"mask {tuple(mask.shape)} must be [B, K] of logits {tuple(logits.shape)}")
-    logits, targets = logits.float(), targets.float()
-    weight = mask.to(logits.dtype)[:, :, None, None, None]  # [B, K, 1, 1, 1]
-    voxels = logits[0, 0].numel()
-    bce_map = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    bce = (bce_map * weight).sum() / (weight.sum() * voxels).clamp_min(1.0)
-    probabilities = torch.sigmoid(logits) * weight
-    spatial = (2, 3, 4)
-    intersection = (probabilities * targets).sum(spatial).sum(0)  # [K], over annotating samples only
-    predicted = probabilities.sum(spatial).sum(0)
-    reference = (targets * weight).sum(spatial).sum(0)
-    dice = (2.0 * intersection + DICE_SMOOTH) / (predicted + reference + DICE_SMOOTH)
-    annotated = mask.any(dim=0)  # [K] channels some sample of the batch is supervised on
-    dice_loss = (1.0 - dice)[annotated].mean() if annotated.any() else logits.sum() * 0.0
-    return bce, dice_loss
+
+    def __init__(self, unet: nn.Module, head_channels: Mapping[str, int], per_head_stems: bool) -> None:
+        super().__init__()
+        self.encoder = unet.encoder
+        self.decoder = unet.decoder  # keeps its .encoder alias (decoder.encoder.* keys), as every dna U-Net
+        self.head_ids = [str(h) for h in head_channels]
+        template = unet.decoder.seg_layers  # one 1x1x1 conv per decoder stage, lowest resolution first
+        self.decoder.seg_layers = nn.ModuleDict({
+            head: nn.ModuleList([type(layer)(layer.in_channels, int(n), 1, 1, 0, bias=True) for layer in template])
+            for head, n in head_channels.items()
+        })
+        if per_head_stems:
+            stems = {}
+            for head in self.head_ids:
+                stem = copy.deepcopy(self.encoder.stem)
+                for module in stem.modules():  # an independent initial draw per stem
+                    if hasattr(module, "reset_parameters"):
+                        module.reset_parameters()
+                stems[head] = stem
+            self.encoder.stem = nn.ModuleDict(stems)
+
+    @property
+    def num_outputs(self) -> int:
+        """Number of output levels (decoder stages)."""
+        return len(self.decoder.stages)
+
+    def forward(self, images: torch.Tensor, heads: torch.Tensor, levels: Sequence[int] = (0,)) -> list[list[torch.Tensor]]:
+        head_of = [int(h) for h in heads.tolist()]
+        groups = {h: [b for b, hb in enumerate(head_of) if hb == h] for h in sorted(set(head_of))}
+        if isinstance(self.encoder.stem, nn.ModuleDict):
+            parts: list[torch.Tensor | None] = [None] * len(head_of)
+            for h, members in groups.items():
+                out = self.encoder.stem[self.head_ids[h]](images[members])
+                for j, b in enumerate(members):
+                    parts[b] = out[j:j + 1]
+            x = torch.cat(parts)  # type: ignore[arg-type]
+        else:
+            x = self.encoder.stem(images)
+        skips = []
+        for stage in self.encoder.stages:
+            x = stage(x)
+            skips.append(x)
+        features, below = [], skips[-1]
+        for s in range(len(self.decoder.stages)):
+            y = torch.cat((self.decoder.transpconvs[s](below), skips[-(s + 2)]), 1)
+            below = self.decoder.stages[s](y)
+            features.append(below)
+        outputs: list[list[torch.Tensor]] = [[None] * len(levels) for _ in head_of]  # type: ignore[list-item]
+        last = len(features) - 1
+        for h, members in groups.items():
+            layers = self.decoder.seg_layers[self.head_ids[h]]
+            for j, level in enumerate(levels):
+                logits = layers[last - level](features[last - level][members])
+                for k, b in enumerate(members):
+                    outputs[b][j] = logits[k:k + 1]
+        return outputs
+
+
+# ---- loss ------------------------------------------------------------------------------------------------
+def deep_supervision_weights(num_outputs: int) -> list[float]:
+    """nnU-Net's deep-supervision weights: ``1/2^i`` for output ``i`` (0 = full resolution), the lowest resolution
+    0, normalised to sum 1 (one output: weight 1).
+
+    Example:
+        >>> [round(w, 4) for w in deep_supervision_weights(3)]  # [1, 1/2, 0] / 1.5
+        [0.6667, 0.3333, 0.0]
+    """
+    if num_outputs < 1:
+        raise ValueError(f"need at least one output, got {num_outputs}")
+    if num_outputs == 1:
+        return [1.0]
+    raw = [1.0 / 2**i for i in range(num_outputs)]
+    raw[-1] = 0.0
+    return [w / sum(raw) for w in raw]
+
+
+def resize_labels(labels: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A label map ``[Z, Y, X]`` at ``shape`` by nearest-exact interpolation (batchgeneratorsv2's
+    ``DownsampleSegForDSTransform``)."""
+    if tuple(labels.shape) == tuple(shape):
+        return labels
+    return F.interpolate(labels[None, None].float(), size=tuple(shape), mode="nearest-exact")[0, 0].long()
+
+
+def soft_dice(probabilities: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    """Dice per channel ``[K]`` of ``[K, ...]`` maps: ``2 sum(p t) / max(sum p + sum t, 1e-8)`` (smooth 0)."""
+    axes = tuple(range(1, probabilities.ndim))
+    intersection = (probabilities * onehot).sum(axes)
+    total = probabilities.sum(axes) + onehot.sum(axes)
+    return 2.0 * intersection / total.clamp_min(DICE_DENOMINATOR_MIN)
+
+
+def segmentation_terms(logits: torch.Tensor, labels: torch.Tensor, loss: str = "ce") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cross-entropy, 1 - mean Dice)`` of one sample's logits ``[1, K, ...]`` against labels ``[...]``.
+
+    ``loss="ce"``: ``K = classes + 1``, softmax CE over all channels, Dice over the foreground channels
+    ``1..K-1``. ``loss="bce"``: ``K = classes``, channel ``k`` is label ``k + 1``; BCE and Dice over all channels.
+
+    Example:
+        >>> ce, dice = segmentation_terms(torch.zeros(1, 2, 1, 1, 2), torch.tensor([[[0, 1]]]))
+        >>> round(ce.item(), 4), round(dice.item(), 4)  # ln 2; Dice 2 * 0.5 / (1 + 1) = 0.5
+        (0.6931, 0.5)
+    """
+    logits = logits.float()
+    if loss == "ce":
+        foreground = torch.arange(1, logits.shape[1], device=labels.device)
+        onehot = (labels[None] == foreground.view(-1, *([1] * labels.ndim))).float()
+        ce = F.cross_entropy(logits, labels[None])
+        dice = soft_dice(torch.softmax(logits, 1)[0, 1:], onehot)
+    elif loss == "bce":
+        channels = torch.arange(1, logits.shape[1] + 1, device=labels.device)
+        onehot = (labels[None] == channels.view(-1, *([1] * labels.ndim))).float()
+        ce = F.binary_cross_entropy_with_logits(logits[0], onehot)
+        dice = soft_dice(torch.sigmoid(logits[0]), onehot)
+    else:
+        raise ValueError(f"settings key 'loss' must be one of {LOSSES}, got {loss!r}")
+    return ce, 1.0 - dice.mean()
+
+
+def multitalent_losses(
+    outputs: Sequence[Sequence[torch.Tensor]],
+    labels: torch.Tensor,
+    level_weights: Sequence[float],
+    loss: str = "ce",
+    ce_weight: float = 1.0,
+    dice_weight: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """Deep-supervised loss of a batch, summed over samples (the release adds the per-sample losses).
+
+    ``outputs[b][j]`` are sample ``b``'s logits at level ``j`` (weight ``level_weights[j]``), ``labels [B, Z, Y,
+    X]`` its full-resolution labels. Returns ``loss = ce_weight * ce + dice_weight * dice`` with ``ce`` and ``dice``
+    the weighted sums of the terms of :func:`segmentation_terms`.
+    """
+    ce_total = labels.new_zeros((), dtype=torch.float32)
+    dice_total = labels.new_zeros((), dtype=torch.float32)
+    for sample_outputs, sample_labels in zip(outputs, labels):
+        for logits, weight in zip(sample_outputs, level_weights):
+            ce, dice = segmentation_terms(logits, resize_labels(sample_labels, logits.shape[2:]), loss)
+            ce_total = ce_total + weight * ce
+            dice_total = dice_total + weight * dice
+    total = ce_weight * ce_total + dice_weight * dice_total
+    return {"loss": total, "ce": ce_total, "dice": dice_total}
+
+
+# ---- checkpoint ------------------------------------------------------------------------------------------
+def multitalent_adaptation_plan(
+    preset: str,
+    in_channels: int,
+    patch_size: Sequence[int],
+    heads: Sequence[HeadSpec],
+    datasets: Sequence[LabelledDataset],
+    per_head_stems: bool,
+    default_stem: str,
+    loss: str = "ce",
+    pretrain_plan: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """nnssl's adaptation plan of a MultiTalent checkpoint (``models.checkpoint.adaptation_plan``): with per-head
+    stems ``key_to_stem`` names ``encoder.stem.<default_stem>`` and ``keys_to_in_proj`` that stem's first conv (the
+    release's layout); ``multitalent`` (ignored by nnssl readers) lists heads, stems and the loss.
+
+    Example:
+        >>> d = LabelledDataset("a", Path("a"), ("x",), ("x",), (), 1)
+        >>> plan = multitalent_adaptation_plan("resenc_demo", 1, [32] * 3, plan_heads([d], 20), [d], True, "a")
+        >>> plan["key_to_stem"], plan["keys_to_in_proj"]
+        ('encoder.stem.a', ['encoder.stem.a.convs.0.conv', 'encoder.stem.a.convs.0.all_modules.0'])
+    """
+    ids = [h.id for h in heads]
+    if per_head_stems and default_stem not in ids:
+        raise ValueError(f"settings key 'default_stem' must be a head id {ids}, got {default_stem!r}")
+    plan = adaptation_plan(preset, in_channels, patch_size, MultiTalentTrainer.method, pretrain_plan,
+                           stem=default_stem if per_head_stems else None)
+    plan["multitalent"] = {
+        "heads": {h.id: {"dataset": datasets[h.dataset].name, "classes": list(h.classes)} for h in heads},
+        "stems": {h: multitalent_stem_prefix(h) for h in ids} if per_head_stems else None,
+        "default_stem": default_stem if per_head_stems else None,
+        "loss": loss,
+    }
+    return plan
+
+
+# ---- trainer ---------------------------------------------------------------------------------------------
+def _setting(settings: Mapping[str, Any], key: str) -> Any:
+    value = settings.get(key)
+    return MultiTalentSettings.default(key) if value is None else value
 
 
 @METHODS.register("multitalent")
 class MultiTalentTrainer(PretrainingTrainer):
-    """Settings besides the training loop's: ``preset``, ``datasets`` (see the module docstring),
-    ``bce_weight`` (1), ``dice_weight`` (1). Defaults: 33 % foreground oversampling, augmentation on."""
+    """MultiTalent pre-training (see the module docstring). Settings besides the training loop's: ``preset``,
+    ``datasets``, ``loss``, ``ce_weight``, ``dice_weight``, ``deep_supervision``, ``case_weight_exponent``,
+    ``max_classes_per_head``, ``stems``, ``default_stem`` (``settings.pretraining.MultiTalentSettings``); the
+    loop's defaults differ from pre-training's in lr (1e-3), iterations, augmentation and foreground fraction."""
 
     method = "multitalent"
     with_labels = True
@@ -237,21 +601,36 @@ class MultiTalentTrainer(PretrainingTrainer):
 
     def __init__(self, settings: dict[str, Any], records: Sequence[CaseRecord], *args: Any, **kwargs: Any) -> None:
         self.datasets = parse_datasets(settings)
-        self.num_channels = sum(len(d.channels) for d in self.datasets)
-        self.bce_weight = float(settings.get("bce_weight", BCE_WEIGHT))
-        self.dice_weight = float(settings.get("dice_weight", DICE_WEIGHT))
+        self.loss_kind = str(_setting(settings, "loss"))
+        if self.loss_kind not in LOSSES:
+            raise ValueError(f"settings key 'loss' must be one of {LOSSES}, got {self.loss_kind!r}")
+        stems = str(_setting(settings, "stems"))
+        if stems not in STEM_CHOICES:
+            raise ValueError(f"settings key 'stems' must be one of {STEM_CHOICES}, got {stems!r}")
+        self.per_head_stems = stems == "per_dataset"
+        self.ce_weight = float(_setting(settings, "ce_weight"))
+        self.dice_weight = float(_setting(settings, "dice_weight"))
+        self.deep_supervision = bool(_setting(settings, "deep_supervision"))
+        self.case_weight_exponent = float(_setting(settings, "case_weight_exponent"))
+        self.heads = plan_heads(self.datasets, int(_setting(settings, "max_classes_per_head")))
+        self.default_stem = str(settings.get("default_stem") or self.heads[0].id)
+        if self.default_stem not in [h.id for h in self.heads]:
+            raise ValueError(f"settings key 'default_stem' must be a head id {[h.id for h in self.heads]}, got "
+                             f"{self.default_stem!r}")
         index_of = {d.name: i for i, d in enumerate(self.datasets)}
-        # per record: its dataset and the instance id -> output channel table
-        self.case_labels: dict[str, tuple[int, torch.Tensor]] = {}
+        self.dataset_of_case: list[int] = []
         for record in records:
             dataset_name = record.case_id.split(CASE_SEPARATOR, 1)[0]
             if dataset_name not in index_of:
                 raise ValueError(f"case {record.case_id!r} is not '{{dataset}}{CASE_SEPARATOR}{{case}}' of a "
                                  f"dataset in settings key {DATASETS_KEY!r} (use MultiTalentTrainer.load_corpus)")
-            dataset = self.datasets[index_of[dataset_name]]
-            self.case_labels[record.case_id] = (index_of[dataset_name],
-                                                channel_lookup(record.instances, dataset.class_channels))
+            self.dataset_of_case.append(index_of[dataset_name])
         super().__init__(settings, records, *args, **kwargs)
+        outputs = self.model.num_outputs
+        weights = deep_supervision_weights(outputs) if self.deep_supervision else [1.0] + [0.0] * (outputs - 1)
+        # outputs of weight 0 (the lowest resolution) are not computed: they add nothing to loss or gradient
+        self.levels = [i for i, w in enumerate(weights) if w > 0]
+        self.level_weights = [weights[i] for i in self.levels]
 
     @classmethod
     def load_corpus(
@@ -265,27 +644,39 @@ class MultiTalentTrainer(PretrainingTrainer):
                 records.append(dataclasses.replace(record, case_id=f"{dataset.name}{CASE_SEPARATOR}{record.case_id}"))
         return records, datasets[0].num_input_channels
 
+    def head_channels(self) -> dict[str, int]:
+        """Output channels per head id: classes + background (``ce``) or one per class (``bce``)."""
+        extra = 1 if self.loss_kind == "ce" else 0
+        return {h.id: len(h.classes) + extra for h in self.heads}
+
     def build_network(self) -> torch.nn.Module:
         from pretrain_det3d.models.backbone import build_resenc_unet
 
-        return build_resenc_unet(self.preset, self.in_channels, out_channels=self.num_channels)
+        return MultiTalentUNet(build_resenc_unet(self.preset, self.in_channels, out_channels=1),
+                               self.head_channels(), per_head_stems=self.per_head_stems)
 
-    def batch_targets(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Targets ``[B, K, Z, Y, X]`` and the channel mask ``[B, K]`` of a batch of the patch stream."""
-        instance_maps = batch["instance_maps"]  # [B, Z, Y, X] instance ids
-        labels = [self.case_labels[case] for case in batch["case_ids"]]
-        targets = torch.stack([
-            label_targets(instance_map, lookup, self.num_channels)
-            for instance_map, (_, lookup) in zip(instance_maps, labels)
-        ])
-        mask = channel_mask([index for index, _ in labels], self.datasets).to(instance_maps.device)
-        return targets, mask
+    def make_stream(self, start_batch: int) -> MultiTalentPatchStream:
+        s = self.settings
+        return MultiTalentPatchStream(
+            self.records, self.dataset_of_case, self.heads, self.case_weight_exponent,
+            patch_size=s.patch_size, batch_size=s.batch_size, seed=self.seed,
+            foreground_fraction=s.foreground_fraction, augmentation=s.augmentation_params(),
+            start_batch=start_batch, num_batches=s.iterations - start_batch, memory_map=s.memory_map,
+        )
 
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        targets, mask = self.batch_targets(batch)
-        logits = self.model(batch["images"])  # [B, K, Z, Y, X]
-        bce, dice = masked_bce_dice(logits, targets, mask)
-        return {"loss": self.bce_weight * bce + self.dice_weight * dice, "bce": bce, "dice": dice}
+        outputs = self.model(batch["images"], batch["heads"], self.levels)
+        return multitalent_losses(outputs, batch["labels"], self.level_weights, self.loss_kind,
+                                  self.ce_weight, self.dice_weight)
+
+    def save_final(self) -> None:
+        patch_size = list(self.settings.patch_size)
+        plan = multitalent_adaptation_plan(
+            self.preset, self.in_channels, patch_size, self.heads, self.datasets, self.per_head_stems,
+            self.default_stem, self.loss_kind, pretrain_plan=self.pretrain_plan(patch_size),
+        )
+        state = {key: tensor.detach().cpu().clone() for key, tensor in self.model.state_dict().items()}
+        save_torch(self.out_path, {"network_weights": state, "nnssl_adaptation_plan": plan})
 
 
 def _organ_instances(compartments: np.ndarray, organs: Sequence[str]) -> tuple[np.ndarray, dict[int, int]]:

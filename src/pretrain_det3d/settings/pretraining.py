@@ -11,7 +11,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -75,13 +75,36 @@ class LabelledDatasetEntry(BaseModel):
 
 
 class MultiTalentSettings(PretrainingSettings):
-    """Supervised multi-dataset segmentation (``pretraining.multitalent``)."""
+    """Supervised multi-dataset segmentation (``pretraining.multitalent``), as the MultiTalent v2 code behind the
+    authors' checkpoint (MIC-DKFZ/MultiTalent ``MultiTalent_trainer.py``, ``MultiTalent_multistem.py``): one head
+    per dataset, deep supervision, per-dataset Dice + CE, cases drawn with weight 1/sqrt(dataset size)."""
 
+    # MultiTalent_trainer: initial_lr 1e-3 (SGD Nesterov 0.99, weight decay 3e-5, clip 12 are nnU-Net's, inherited);
+    # 1000 epochs x 250 iterations
+    lr: float = Field(1e-3, ge=0, description="Peak learning rate (MultiTalent_trainer.initial_lr).")
+    iterations: int = Field(250_000, gt=0, description="Optimiser steps (the release: 1000 epochs x 250).")
     augmentation: bool | AugmentationSettings = Field(True, description="Augmentation of the pre-training patches.")
-    foreground_fraction: float = Field(0.33, ge=0, le=1, description="nnU-Net's foreground oversampling.")
+    foreground_fraction: float = Field(0.33, ge=0, le=1, description="Probability that a sample is centred on a "
+                                       "voxel of one of its head's classes (nnU-Net's 33 %, drawn per sample as "
+                                       "the release's probabilistic oversampling).")
     datasets: list[LabelledDatasetEntry] = Field(min_length=1, description="Labelled datasets to learn from.")
-    bce_weight: float = Field(1.0, ge=0, description="Weight of the binary cross-entropy.")
-    dice_weight: float = Field(1.0, ge=0, description="Weight of the soft Dice loss.")
+    loss: Literal["ce", "bce"] = Field("ce", description="'ce': softmax cross-entropy + Dice per head with a "
+                                       "background channel (v2, the checkpoint's code); 'bce': sigmoid BCE + Dice per "
+                                       "class (the first MultiTalent paper).")
+    ce_weight: float = Field(1.0, ge=0, description="Weight of the cross-entropy term.")
+    dice_weight: float = Field(1.0, ge=0, description="Weight of the soft Dice term.")
+    deep_supervision: bool = Field(True, description="Loss on every decoder resolution, weights 1/2^i normalised, "
+                                   "the lowest resolution 0 (nnU-Net).")
+    case_weight_exponent: float = Field(0.5, ge=0, le=1, description="A case of a dataset with n cases is drawn "
+                                        "with weight n^-exponent, so the dataset with weight n^(1 - exponent): 0.5 "
+                                        "the release's 1/sqrt(n); 0 uniform over cases; 1 uniform over datasets.")
+    max_classes_per_head: int = Field(20, gt=0, description="A dataset with more classes gets one head (and stem) "
+                                      "per group of this many, ids '<dataset>_<group>' (the release's max_classes).")
+    stems: Literal["per_dataset", "shared"] = Field("per_dataset", description="'per_dataset': one input stem per "
+                                                    "head, stored as encoder.stem.<head id> (the released checkpoint's "
+                                                    "layout); 'shared': one stem, encoder.stem.")
+    default_stem: str | None = Field(None, description="Head id whose stem the checkpoint's key_to_stem names "
+                                     "(the release: the CT stem 351_0); default: the first dataset's first head.")
 
 
 #: registered method name -> its settings class (``catalog.PRETRAINING_MODULES`` names the same methods)
