@@ -785,5 +785,5 @@ def test_preprocess_corpus_mri_and_errors(tmp_path: Path) -> None:
     np.testing.assert_allclose(v3[0], expected, rtol=1e-4, atol=1e-4)
 
     (tmp_path / "empty").mkdir()
-    with pytest.raises(preprocessing.DatasetFormatError, match="holds no .nii.gz volumes"):
+    with pytest.raises(preprocessing.DatasetFormatError, match="no volumes found"):
         preprocess_corpus(tmp_path / "empty", tmp_path / "pre_empty", {})

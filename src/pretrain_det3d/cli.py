@@ -150,6 +150,32 @@ def cmd_preprocess_corpus(args: argparse.Namespace) -> None:
     preprocess_corpus(args.corpus, args.out, args.settings)
 
 
+def cmd_index_corpus(args: argparse.Namespace) -> None:
+    from pretrain_det3d.data.corpus import index_corpus
+
+    manifest = index_corpus(args.source_json, args.out, args.name, args.num_workers)
+    print(f"{args.out}: {len(manifest['volumes'])} volumes, {len(manifest['failures'])} unreadable")
+
+
+def cmd_plan_corpus(args: argparse.Namespace) -> None:
+    from pretrain_det3d.data.corpus import plan_corpus
+
+    plan_corpus(args.manifest, args.out, args.settings)
+
+
+def cmd_preprocess_corpus_shard(args: argparse.Namespace) -> None:
+    from pretrain_det3d.data.corpus import preprocess_corpus_shard
+
+    preprocess_corpus_shard(args.plan, args.out, args.shard, args.num_shards, args.num_workers)
+
+
+def cmd_gather_corpus(args: argparse.Namespace) -> None:
+    from pretrain_det3d.data.corpus import gather_corpus
+
+    plan = gather_corpus(args.plan, args.shards, args.out, args.max_failure_fraction)
+    print(f"{args.out}: {plan['num_cases']} volumes, {plan['num_failed']} skipped")
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from pretrain_det3d.pretraining import run_pretraining
 
@@ -438,6 +464,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--settings", type=_settings, default={})
+
+    p = verb("index-corpus", cmd_index_corpus, "find (or fetch) a corpus's volumes; manifest with their sha256")
+    p.add_argument("--source-json", type=_settings, required=True,
+                   help='{"source": "folders", "folders": [...]}, {"source": "ct_rate", "ct_rate": {...}, '
+                   '"cache_dir": ...} or {"source": "datasets", "datasets": {name: converted folder}}')
+    p.add_argument("--out", type=Path, required=True, help="manifest.json to write")
+    p.add_argument("--name", default=None, help="corpus name (default: the manifest's folder name)")
+    p.add_argument("--num-workers", type=int, default=4, help="threads hashing files")
+
+    p = verb("plan-corpus", cmd_plan_corpus, "plan a corpus's preprocessing (target spacing, normalisation)")
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="plan.json to write")
+    p.add_argument("--settings", type=_settings, default={}, help="pretraining.corpus.preprocessing")
+
+    p = verb("preprocess-corpus-shard", cmd_preprocess_corpus_shard, "preprocess one shard of a planned corpus")
+    p.add_argument("--plan", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="the shard's folder")
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--num-shards", type=int, required=True)
+    p.add_argument("--num-workers", type=int, default=1)
+
+    p = verb("gather-corpus", cmd_gather_corpus, "join a corpus's shards; fail above the failure fraction")
+    p.add_argument("--plan", type=Path, required=True)
+    p.add_argument("--shards", type=Path, nargs="+", required=True)
+    p.add_argument("--out", type=Path, required=True, help="the preprocessed corpus folder")
+    p.add_argument("--max-failure-fraction", type=float, required=True)
 
     p = verb("pretrain", cmd_pretrain, "pre-train the backbone with one method")
     p.add_argument("--corpus", type=Path, required=True, help="preprocessed corpus folder")

@@ -39,6 +39,8 @@ except ConfigError as error:
 STUDY = config["study"]
 DATA = config.get("data_dir", "results/data")
 CORPUS = config["pretraining"]["corpus"]["name"]
+CORPUS_ENTRY = config["pretraining"]["corpus"]
+CORPUS_SHARDS = int(CORPUS_ENTRY.get("shards", 1))
 CONDA_ENV = "../../envs/pretrain_det3d.yaml"
 SCRATCH = "scratch"
 
@@ -107,6 +109,42 @@ def pretraining_inputs(wildcards):
         "plans": [f"{DATA}/preprocessed_corpus/{CORPUS}/plan.json"],
         "cases": f"{DATA}/preprocessed_corpus/{CORPUS}/cases",
     }
+
+
+def corpus_index_inputs(wildcards):
+    """What index_corpus reads from the DAG: the synthesized folder, or the converted datasets of the 'datasets'
+    source; nothing for folders outside the workflow and for the Hugging Face download."""
+    source = CORPUS_ENTRY["source"]
+    if source == "synthetic":
+        return [f"{DATA}/corpus/{wildcards.corpus}"]
+    if source == "datasets":
+        return [f"{DATA}/converted/{d}" for d in CORPUS_ENTRY["datasets"]]
+    return []
+
+
+def corpus_source(wildcards):
+    """The source of the corpus as index-corpus reads it (pretrain_det3d.data.corpus.source_volumes)."""
+    source = CORPUS_ENTRY["source"]
+    if source == "synthetic":
+        return {"source": source, "folders": [f"{DATA}/corpus/{wildcards.corpus}"]}
+    if source == "folders":
+        return {"source": source, "folders": list(CORPUS_ENTRY["folders"])}
+    if source == "datasets":
+        return {"source": source, "datasets": {d: f"{DATA}/converted/{d}" for d in CORPUS_ENTRY["datasets"]}}
+    settings = dict(CORPUS_ENTRY.get("ct_rate") or {})
+    cache_dir = settings.pop("cache_dir", None) or f"{DATA}/raw/corpus_{wildcards.corpus}/huggingface"
+    return {"source": source, "ct_rate": settings, "cache_dir": cache_dir}
+
+
+def corpus_shards(wildcards):
+    return [f"{DATA}/corpus_shards/{wildcards.corpus}/shard{i}" for i in range(CORPUS_SHARDS)]
+
+
+if CORPUS_ENTRY["source"] == "datasets":
+    _unknown = sorted(set(CORPUS_ENTRY["datasets"]) - set(config["datasets"]))
+    if _unknown:
+        raise WorkflowError(f"invalid configuration:\nconfig key 'pretraining.corpus.datasets': {_unknown} are not "
+                            f"datasets (datasets: {sorted(config['datasets'])})")
 
 
 def init_checkpoint(wildcards):

@@ -133,23 +133,96 @@ rule synthesize_corpus:
         "exec python -m pretrain_det3d.utils.attempt_log synthesize_corpus {log:q} python -m pretrain_det3d synthesize-corpus --out {output} --settings {params.settings:q} --seed {params.seed}"
 
 
-rule preprocess_corpus:
+# The corpus (pretrain_det3d.data.corpus): index the volumes of its source (manifest with sha256; CT-RATE is
+# downloaded here), plan (target spacing, normalisation), preprocess in pretraining.corpus.shards parallel jobs,
+# gather into preprocessed_corpus/{corpus} (cases/, plan.json, failures.json), which pre-training reads.
+rule index_corpus:
     input:
-        f"{DATA}/corpus/{{corpus}}",
+        corpus_index_inputs,
     output:
-        plan=f"{DATA}/preprocessed_corpus/{{corpus}}/plan.json",
-        cases=directory(f"{DATA}/preprocessed_corpus/{{corpus}}/cases"),
+        f"{DATA}/corpus_index/{{corpus}}/manifest.json",
     params:
-        out=lambda w, output: str(Path(output.plan).parent),
+        source=lambda w: as_json(corpus_source(w)),
+        num_workers=lambda w: rule_threads("index_corpus"),
+    log:
+        "results/logs/index_corpus/{corpus}.log",
+    benchmark:
+        "results/benchmarks/index_corpus/{corpus}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("index_corpus")
+    resources:
+        **rule_resources("index_corpus"),
+    shell:
+        "exec python -m pretrain_det3d.utils.attempt_log index_corpus {log:q} python -m pretrain_det3d index-corpus --source-json {params.source:q} --out {output} --name {wildcards.corpus} --num-workers {params.num_workers}"
+
+
+rule plan_corpus:
+    input:
+        f"{DATA}/corpus_index/{{corpus}}/manifest.json",
+    output:
+        f"{DATA}/corpus_index/{{corpus}}/plan.json",
+    params:
         settings=as_json(config["pretraining"]["corpus"].get("preprocessing", {})),
     log:
-        "results/logs/preprocess_corpus/{corpus}.log",
+        "results/logs/plan_corpus/{corpus}.log",
     benchmark:
-        "results/benchmarks/preprocess_corpus/{corpus}.tsv"
+        "results/benchmarks/plan_corpus/{corpus}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("plan_corpus")
+    resources:
+        **rule_resources("plan_corpus"),
+    shell:
+        "exec python -m pretrain_det3d.utils.attempt_log plan_corpus {log:q} python -m pretrain_det3d plan-corpus --manifest {input} --out {output} --settings {params.settings:q}"
+
+
+rule preprocess_corpus:
+    input:
+        f"{DATA}/corpus_index/{{corpus}}/plan.json",
+    output:
+        temp(directory(f"{DATA}/corpus_shards/{{corpus}}/shard{{shard}}")),
+    wildcard_constraints:
+        shard=r"\d+",
+    params:
+        num_shards=CORPUS_SHARDS,
+        # worker processes: preprocessing.num_workers, else one per thread of the job
+        num_workers=config["pretraining"]["corpus"].get("preprocessing", {}).get("num_workers")
+        or rule_threads("preprocess_corpus"),
+    log:
+        "results/logs/preprocess_corpus/{corpus}_shard{shard}.log",
+    benchmark:
+        "results/benchmarks/preprocess_corpus/{corpus}_shard{shard}.tsv"
     conda:
         CONDA_ENV
     threads: rule_threads("preprocess_corpus")
     resources:
         **rule_resources("preprocess_corpus"),
     shell:
-        "exec python -m pretrain_det3d.utils.attempt_log preprocess_corpus {log:q} python -m pretrain_det3d preprocess-corpus --corpus {input} --out {params.out} --settings {params.settings:q}"
+        "exec python -m pretrain_det3d.utils.attempt_log preprocess_corpus {log:q} python -m pretrain_det3d preprocess-corpus-shard --plan {input} --out {output} --shard {wildcards.shard} "
+        "--num-shards {params.num_shards} --num-workers {params.num_workers}"
+
+
+rule gather_corpus:
+    input:
+        plan=f"{DATA}/corpus_index/{{corpus}}/plan.json",
+        shards=corpus_shards,
+    output:
+        plan=f"{DATA}/preprocessed_corpus/{{corpus}}/plan.json",
+        cases=directory(f"{DATA}/preprocessed_corpus/{{corpus}}/cases"),
+        failures=f"{DATA}/preprocessed_corpus/{{corpus}}/failures.json",
+    params:
+        out=lambda w, output: str(Path(output.plan).parent),
+        max_failure_fraction=config["pretraining"]["corpus"].get("max_failure_fraction", 0.05),
+    log:
+        "results/logs/gather_corpus/{corpus}.log",
+    benchmark:
+        "results/benchmarks/gather_corpus/{corpus}.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("gather_corpus")
+    resources:
+        **rule_resources("gather_corpus"),
+    shell:
+        "exec python -m pretrain_det3d.utils.attempt_log gather_corpus {log:q} python -m pretrain_det3d gather-corpus --plan {input.plan} --shards {input.shards} --out {params.out} "
+        "--max-failure-fraction {params.max_failure_fraction}"

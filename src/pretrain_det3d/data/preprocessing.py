@@ -53,15 +53,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-import SimpleITK as sitk
 from tqdm import tqdm
 
 from pretrain_det3d.data.boxes import boxes_from_instance_map, instance_voxel_extents
 from pretrain_det3d.data.dataset_format import DatasetFormatError, check_converted_dataset
-from pretrain_det3d.data.io import geometry_of, load_npy, read_case, read_image
+from pretrain_det3d.data.io import load_npy, read_case
 from pretrain_det3d.data.splits import NNUNET_SPLIT_SEED, load_splits
 from pretrain_det3d.data.workers import map_cases, memory_budget_bytes
-from pretrain_det3d.utils.atomic import atomic_directory, atomic_path, write_json
+from pretrain_det3d.utils.atomic import atomic_path, write_json
 from pretrain_det3d.settings.data import CorpusPreprocessingSettings, PreprocessingSettings
 
 
@@ -829,89 +828,26 @@ def run_preprocessing(
 
 
 # ---- unlabelled pre-training corpora ---------------------------------------------------------------------
-def _corpus_case_ids(corpus_root: Path) -> list[str]:
-    if not corpus_root.is_dir():
-        raise DatasetFormatError.for_file(corpus_root, "corpus folder is missing")
-    cases = sorted(p.name[: -len(".nii.gz")] for p in corpus_root.glob("*.nii.gz") if not p.name.startswith("."))
-    if not cases:
-        raise DatasetFormatError.for_file(corpus_root, "corpus folder holds no .nii.gz volumes")
-    return cases
-
-
-def _corpus_geometry_and_samples(
-    case: str, corpus_root: str, ct: bool, max_samples: int, seed: int
-) -> tuple[dict[str, tuple], np.ndarray]:
-    image = read_image(Path(corpus_root) / f"{case}.nii.gz")
-    values = sitk.GetArrayFromImage(image)
-    samples = _sample(values[values > BODY_THRESHOLD_HU], max_samples, case_rng(seed, case)) if ct else values[:0]
-    return geometry_of(image), samples.astype(np.float32)
-
-
-def _preprocess_corpus_case(
-    case: str, corpus_root: str, cases_dir: str, normalisation: Sequence[Mapping[str, Any]],
-    target_spacing: Sequence[float],
-) -> list[int]:
-    image = read_image(Path(corpus_root) / f"{case}.nii.gz")
-    array = sitk.GetArrayFromImage(image).astype(np.float32)[None]  # [1, Z, Y, X]
-    new_shape = resampled_shape(array.shape[1:], geometry_of(image)["spacing"], target_spacing)
-    out = resample_image(normalise(array, normalisation), new_shape)
-    with atomic_path(Path(cases_dir) / f"{case}.npy") as tmp:
-        np.save(tmp, out)
-    return list(new_shape)
-
-
 def preprocess_corpus(corpus_root: str | os.PathLike, out_root: str | os.PathLike, settings: Mapping[str, Any]) -> None:
-    """Preprocess unlabelled pre-training volumes ``{corpus_root}/{case}.nii.gz`` into ``out_root``.
+    """Preprocess the unlabelled volumes found below ``corpus_root`` (NIfTI, MHA/MHD, NRRD, DICOM series) into
+    ``out_root`` in one process: :func:`pretrain_det3d.data.corpus.prepare_corpus` with one shard.
 
-    Target spacing from ``settings["target_spacing"]`` or the median spacing. CT (``settings["modality"]``,
-    default CT): clip to the 0.5 / 99.5 percentiles of voxels above -500 HU ("body", pooled over the corpus,
-    up to ``foreground_intensity_samples`` per volume, seeded by ``settings["seed"]``), then z-score with their
-    mean and std; any other modality: per-volume z-score. Writes ``cases/{case}.npy`` (float32 ``[1, Z, Y, X]``)
-    and ``plan.json`` last.
+    ``settings`` are ``pretraining.corpus.preprocessing``. The folder counts as a synthetic corpus, so
+    normalisation 'auto' keeps this function's scheme from before real sources: CT (``modality``, default CT)
+    clips to the 0.5 / 99.5 percentiles of voxels above -500 HU ("body", pooled over the corpus, up to
+    ``foreground_intensity_samples`` per volume, seeded by ``seed``) and z-scores with their mean and std; any
+    other modality z-scores each volume. Target spacing: ``target_spacing`` or the median. Writes
+    ``cases/{case}.npy`` (float32 ``[1, Z, Y, X]``), ``failures.json`` and ``plan.json`` last; an unreadable
+    volume fails the call (``max_failure_fraction`` 0 here; the workflow's rules have the setting).
 
     Example:
         >>> preprocess_corpus("results/data/corpus/synthetic", "results/data/preprocessed_corpus/synthetic",
         ...                   {"target_spacing": [2, 2, 2]})  # doctest: +SKIP
     """
+    from pretrain_det3d.data.corpus import prepare_corpus
+
     corpus_root = Path(corpus_root)
-    case_ids = _corpus_case_ids(corpus_root)
-    num_workers = _positive_int_setting(settings, "num_workers", DEFAULT_NUM_WORKERS)
-    max_samples = _positive_int_setting(settings, "foreground_intensity_samples", DEFAULT_FOREGROUND_INTENSITY_SAMPLES)
-    seed = int(settings.get("seed", DEFAULT_CORPUS_SEED))
-    modality = str(settings.get("modality", DEFAULT_CORPUS_MODALITY))
-    ct = is_ct(modality)
-    scanned = _map_with_progress(
-        functools.partial(
-            _corpus_geometry_and_samples, corpus_root=str(corpus_root), ct=ct, max_samples=max_samples, seed=seed
-        ),
-        case_ids, num_workers, desc=f"plan corpus {corpus_root.name}",
-    )
-    original_median = median_spacing(geometry["spacing"] for geometry, _ in scanned)
-    target_spacing = _target_spacing_setting(settings) or original_median
-    if ct:
-        pooled = np.concatenate([samples for _, samples in scanned])
-        if pooled.size == 0:
-            raise DatasetFormatError.for_file(corpus_root, f"no voxel above {BODY_THRESHOLD_HU} HU in any CT volume")
-        normalisation = [ct_normalisation(pooled)]
-    else:
-        normalisation = [{"scheme": "zscore"}]
-    with atomic_directory(out_root) as tmp:
-        shapes = _map_with_progress(
-            functools.partial(
-                _preprocess_corpus_case, corpus_root=str(corpus_root), cases_dir=str(tmp / CASES_DIR),
-                normalisation=normalisation, target_spacing=target_spacing,
-            ),
-            case_ids, num_workers, desc=f"preprocess corpus {corpus_root.name}",
-        )
-        plan = {
-            "corpus": corpus_root.name,
-            "target_spacing": [float(s) for s in target_spacing],
-            "original_median_spacing": list(original_median),
-            "modalities": [modality],
-            "normalisation": normalisation,
-            "case_ids": case_ids,
-            "shapes": {case: shape for case, shape in zip(case_ids, shapes)},
-            "median_shape": [int(v) for v in np.rint(np.median(shapes, axis=0))],
-            "num_cases": len(case_ids),
-        }
-        write_json(tmp / PLAN_FILE, plan)  # last: its presence marks a finished preprocessing
+    if not corpus_root.is_dir():
+        raise DatasetFormatError.for_file(corpus_root, "corpus folder is missing")
+    prepare_corpus({"source": "synthetic", "folders": [str(corpus_root)]}, out_root, settings,
+                   max_failure_fraction=0.0, name=corpus_root.name)

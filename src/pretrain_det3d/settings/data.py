@@ -108,15 +108,43 @@ SyntheticSettings = Annotated[
 
 
 class CorpusPreprocessingSettings(Settings):
-    """Preprocessing of the unlabelled corpus (``data.preprocessing.preprocess_corpus``)."""
+    """Preprocessing of the unlabelled corpus (``data.corpus``; nnssl's ``DefaultPreprocessor`` order: normalise
+    each volume, then resample it)."""
 
-    target_spacing: Spacing | None = Field(None, description="Target spacing [z, y, x] mm; default: the median.")
-    num_workers: int = Field(1, gt=0, description="Worker processes.")
+    target_spacing: Spacing | Literal["median", "none"] | None = Field(
+        None, description="Target spacing: 'median' (of the corpus; also null), 'none' (every volume keeps its "
+        "own spacing) or [z, y, x] mm (nnssl's planner: [1, 1, 1]).")
+    normalisation: Literal["auto", "zscore", "ct_body"] = Field(
+        "auto", description="'zscore': per volume (nnssl's ZScoreNormalization); 'ct_body': clip to the 0.5 / 99.5 "
+        "percentiles of voxels above -500 HU pooled over the corpus, then z-score with their mean and std; "
+        "'auto': zscore for the folders, ct_rate and datasets sources, and for the synthetic source the scheme "
+        "its modality names (CT: ct_body), as before real sources existed.")
+    num_workers: int = Field(1, gt=0, description="Worker processes (per preprocessing job).")
     foreground_intensity_samples: int = Field(10_000, gt=0, description="Body voxels sampled per volume for "
-                                              "the CT intensity statistics.")
-    modality: str = Field("CT", description="'CT' (clip and z-score by body statistics) or another modality "
-                          "(per-volume z-score).")
+                                              "the ct_body statistics.")
+    modality: str = Field("CT", description="Modality recorded in the plan; for a synthetic corpus with "
+                          "normalisation 'auto' also the scheme: 'CT' ct_body, anything else zscore.")
     seed: int = Field(0, description="Seed of the intensity sampling.")
+
+
+class CtRateSettings(Settings):
+    """A corpus from a Hugging Face dataset repository (``pretraining.corpus.ct_rate``; CT-RATE by default).
+
+    The repository is gated: accept its terms on the Hub and give the token in the standard ``HF_TOKEN``
+    environment variable (never in the config). Downloads resume; with ``HF_HUB_OFFLINE=1`` the cache is read
+    without network."""
+
+    repo_id: str = Field("ibrahimhamamci/CT-RATE", description="Dataset repository on the Hugging Face Hub.")
+    revision: str = Field("main", description="Branch, tag or commit (a commit pins the corpus).")
+    include: list[str] = Field(["dataset/train/**/*.nii.gz"], min_length=1,
+                               description="Files to fetch (huggingface_hub allow_patterns, fnmatch: '*' also "
+                               "matches '/'); the default is CT-RATE's training split.")
+    max_files: int | None = Field(None, gt=0, description="Fetch only the first N matching files (sorted by "
+                                  "path), for a smaller corpus; null: all.")
+    cache_dir: str | None = Field(None, description="huggingface_hub cache folder (blobs + snapshots); default: "
+                                  "{data_dir}/raw/corpus_{name}/huggingface. Point it at an existing cache to reuse "
+                                  "its files.")
+    num_workers: int = Field(8, gt=0, description="Parallel downloads.")
 
 
 class DatasetEntry(Settings):
@@ -142,11 +170,34 @@ class DatasetEntry(Settings):
 
 
 class CorpusEntry(Settings):
-    """The unlabelled pre-training corpus of the self-supervised methods."""
+    """The unlabelled pre-training corpus of the self-supervised methods (``data.corpus``)."""
 
     name: str = Field(description="Folder name of the corpus under the data directory.")
-    source: Literal["synthetic"] = Field(description="Where the volumes come from ('synthetic').")
+    source: Literal["synthetic", "folders", "ct_rate", "datasets"] = Field(
+        description="Where the volumes come from: 'synthetic' phantoms, 'folders' of NIfTI / MHA / MHD / NRRD "
+        "files and DICOM series, 'ct_rate' (a Hugging Face dataset repository), or 'datasets' (the images of "
+        "the study's own datasets' training cases, labels unused).")
     seed: int | None = Field(None, description="Seed of the synthesis; default: the top-level seed + 1000.")
     synthetic: SyntheticCorpusSettings | None = Field(None, description="Phantom settings of a synthetic corpus.")
+    folders: list[str] | None = Field(None, description="Source folders (searched recursively) of the 'folders' "
+                                      "source.")
+    ct_rate: CtRateSettings | None = Field(None, description="Repository, revision and files of the 'ct_rate' "
+                                           "source (defaults: CT-RATE's training split).")
+    datasets: list[str] | None = Field(None, description="Datasets (names under 'datasets') whose imagesTr "
+                                       "volumes (every channel; never the held-out imagesTs) form the 'datasets' "
+                                       "source.")
+    shards: int = Field(1, ge=1, description="Preprocessing jobs (shard i takes every shards-th volume from i).")
+    max_failure_fraction: float = Field(0.05, ge=0, le=1, description="Share of unreadable volumes above which "
+                                        "the corpus fails (each failure is skipped and listed in failures.json).")
     preprocessing: CorpusPreprocessingSettings = Field(default_factory=CorpusPreprocessingSettings,
                                                        description="Preprocessing settings.")
+
+    @model_validator(mode="after")
+    def _source_section(self) -> "CorpusEntry":
+        if self.source == "synthetic" and self.synthetic is None:
+            raise ValueError("a synthetic corpus needs a 'synthetic' section")
+        if self.source == "folders" and not self.folders:
+            raise ValueError("source 'folders' needs 'folders': a list of folders to search")
+        if self.source == "datasets" and not self.datasets:
+            raise ValueError("source 'datasets' needs 'datasets': names of datasets under 'datasets'")
+        return self  # 'ct_rate' without a section: CT-RATE's training split (CtRateSettings' defaults)

@@ -32,7 +32,8 @@ from pretrain_det3d.settings.pretraining import method_settings_class
 #: rules whose threads, memory and runtime the ``resources`` section may set (``default``: every rule)
 RESOURCE_RULES: tuple[str, ...] = (
     "default", "synthesize_dataset", "download_source", "convert_dataset", "check_dataset", "preprocess_dataset",
-    "synthesize_corpus", "preprocess_corpus", "pretrain", "fetch_published_checkpoint", "finetune", "predict",
+    "synthesize_corpus", "index_corpus", "plan_corpus", "preprocess_corpus", "gather_corpus", "pretrain",
+    "fetch_published_checkpoint", "finetune", "predict",
     "evaluate", "export_luna16", "luna16_cpm", "aggregate", "figure", "table", "sweep", "consolidate", "preprocess_test_cases",
     "predict_test", "evaluate_test", "label_subset",
 )
