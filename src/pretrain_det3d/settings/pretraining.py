@@ -45,9 +45,10 @@ class MAESettings(PretrainingSettings):
 
 
 class Spark3DSettings(MAESettings):
-    """Sparse masked autoencoder (``pretraining.spark3d``)."""
+    """Sparse masked autoencoder (``pretraining.spark3d``; nnssl's SparkMAETrainer, docs/pretraining/spark3d.md)."""
 
-    mask_token_std: float = Field(0.02, gt=0, description="Init std of the learnable mask tokens.")
+    mask_token_std: float = Field(0.02, gt=0, description="Std of the mask tokens' truncated-normal "
+                                  "initialisation, cut at +-1 std (nnssl architectures/spark_model.py).")
 
 
 class ModelsGenesisSettings(PretrainingSettings):
