@@ -9,17 +9,28 @@ Models Genesis learns by restoring an original patch from a corrupted copy. Per 
 3. a non-linear intensity curve (probability 0.9): a random cubic Bezier curve through (0, 0) and (1, 1),
    made monotone; half the time the inverted (decreasing) curve;
 4. painting (probability 0.9): in-painting (share 0.2: up to 5 boxes of 1/6-1/3 of each edge replaced by
-   uniform noise) or out-painting (share 0.8: everything replaced by noise except up to 5 boxes of
-   3/7-4/7 of each edge, which keep the image).
+   uniform noise, each box drawn with probability 0.95) or out-painting (share 0.8: everything replaced by
+   noise except 1 to 5 boxes of 3/7-4/7 of each edge, which keep the image).
 
-The rates are those of the original work (and of nnssl's port). Every function takes a
-``numpy.random.Generator``, so a sample is a pure function of its seed.
+The rates are those of the original work (and of nnssl's port); their one definition is
+``settings.pretraining.ModelsGenesisSettings``. Every function takes a ``numpy.random.Generator``, so a sample
+is a pure function of its seed.
 
-Intensity range: the original works on CT clipped to [-1000, 1000] HU and scaled to [0, 1]; the curve and the
-noise assume that range. Our patches are z-score normalised, so :func:`genesis_pair` maps each channel of a
-patch to [0, 1] by its own minimum and maximum (:func:`to_unit_range`), corrupts it there, and maps the
-result back with the same two numbers (:func:`from_unit_range`). The target stays the original (flipped)
-z-scored patch. A constant channel gets scale 1 (nothing to stretch).
+Intensity scale (``intensity``): the curve is defined on [0, 1] and the painting noise is uniform in [0, 1], so
+the scale the corruptions see matters. Each variant is a per-channel affine map ``unit = (x - offset) / scale``
+(:func:`intensity_map`); the corruptions act on ``unit`` and the result is mapped back with the same numbers,
+so the network's input and target keep the corpus's z-score scale.
+
+- ``zscore`` (the default; nnssl's ``ModelGenesisTrainer``): offset 0, scale 1, the z-scored patch as it is.
+  The curve saturates: values below 0 go to the curve's value at 0, values above 1 to its value at 1; painted
+  noise lies in [0, 1], i.e. between the mean and mean + 1 std of the corpus.
+- ``patch_minmax``: each channel of the patch by its own minimum and maximum; nothing saturates and the noise
+  spans the patch's range. A constant channel gets scale 1.
+- ``hu_window`` (the original: CT clipped to [-1000, 1000] HU, scaled to [0, 1]): needs the corpus's CT
+  z-score ``z = (HU - mean) / std`` (``hu_mean``, ``hu_std``, read from the corpus plan by the trainer), so
+  ``offset = (hu_low - mean) / std`` and ``scale = (hu_high - hu_low) / std``. ``unit`` is clipped to [0, 1]
+  as the original clips HU, and the target is the clipped patch (in z units), so an uncorrupted input equals
+  its target.
 
 Arrays are ``[C, Z, Y, X]``; boxes are ``((z0, y0, x0), (z1, y1, x1))`` with exclusive ends, in voxels.
 
@@ -39,23 +50,29 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pretrain_det3d.settings.pretraining import ModelsGenesisSettings
+
 Box = tuple[tuple[int, int, int], tuple[int, int, int]]
 
-# ---- the rates and sizes of Models Genesis (named defaults; GenesisParams gathers them) ----
-FLIP_RATE = 0.4
-MAX_FLIPS = 3
-LOCAL_SHUFFLE_RATE = 0.5
-LOCAL_SHUFFLE_BLOCKS = 10_000
-LOCAL_SHUFFLE_MAX_FRACTION = 0.1  # a shuffled box is at most this fraction of the patch edge per axis
-NONLINEAR_RATE = 0.9
-INVERT_RATE = 0.5  # share of the non-linear transforms that use the decreasing curve
+# ---- the rates and sizes of Models Genesis (named defaults from the settings class; GenesisParams gathers them)
+FLIP_RATE = ModelsGenesisSettings.default("flip_rate")
+MAX_FLIPS = ModelsGenesisSettings.default("max_flips")
+LOCAL_SHUFFLE_RATE = ModelsGenesisSettings.default("local_shuffle_rate")
+LOCAL_SHUFFLE_BLOCKS = ModelsGenesisSettings.default("local_shuffle_blocks")
+# a shuffled box is at most this fraction of the patch edge per axis (the original: edge // 10)
+LOCAL_SHUFFLE_MAX_FRACTION = ModelsGenesisSettings.default("local_shuffle_max_fraction")
+NONLINEAR_RATE = ModelsGenesisSettings.default("nonlinear_rate")
+INVERT_RATE = ModelsGenesisSettings.default("invert_rate")  # share of the curves that are decreasing
 # points on the curve used as the interpolation table; the original's 100 000 cost ~0.1 s per sample and add
 # nothing: linear interpolation of a cubic between 1 000 points is off by < 1e-5 of the intensity range
-BEZIER_SAMPLES = 1_000
-PAINT_RATE = 0.9
-INPAINT_RATE = 0.2  # share of the paintings that are in-paintings (the rest: out-paintings)
-PAINT_MAX_BOXES = 5  # painted (in-painting) or kept (out-painting) boxes, the first always drawn
-PAINT_CONTINUE_RATE = 0.95  # probability to draw each further box
+BEZIER_SAMPLES = ModelsGenesisSettings.default("bezier_samples")
+PAINT_RATE = ModelsGenesisSettings.default("paint_rate")
+INPAINT_RATE = ModelsGenesisSettings.default("inpaint_rate")  # share of the paintings that are in-paintings
+PAINT_MAX_BOXES = ModelsGenesisSettings.default("paint_max_boxes")  # painted (in) or kept (out) boxes
+PAINT_CONTINUE_RATE = ModelsGenesisSettings.default("paint_continue_rate")  # probability to draw a (further) box
+INTENSITY = ModelsGenesisSettings.default("intensity")
+INTENSITY_VARIANTS = ("zscore", "patch_minmax", "hu_window")
+HU_WINDOW = tuple(float(v) for v in ModelsGenesisSettings.default("hu_window"))
 INPAINT_SIZE_FRACTION = (1 / 6, 1 / 3)  # edge of an in-painted box, as fractions of the patch edge
 OUTPAINT_CUT_FRACTION = (3 / 7, 4 / 7)  # an out-painting box is the patch edge minus this fraction of it
 PAINT_MARGIN = 3  # voxels kept free between a painting box and the patch border (when the patch allows)
@@ -82,12 +99,22 @@ class GenesisParams:
     inpaint_rate: float = INPAINT_RATE
     paint_max_boxes: int = PAINT_MAX_BOXES
     paint_continue_rate: float = PAINT_CONTINUE_RATE
+    intensity: str = INTENSITY
+    hu_window: tuple[float, float] = HU_WINDOW  # type: ignore[assignment]
+    # intensity 'hu_window' only: the corpus's CT z-score per channel, HU = z * hu_std + hu_mean (not settings:
+    # the trainer reads them from the corpus plan)
+    hu_mean: tuple[float, ...] | None = None
+    hu_std: tuple[float, ...] | None = None
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> "GenesisParams":
         """The known keys of ``settings`` over the defaults (others belong to the training loop)."""
         known = set(cls.__dataclass_fields__)
-        params = cls(**{k: v for k, v in settings.items() if k in known})
+        values = {k: v for k, v in settings.items() if k in known}
+        for key in ("hu_window", "hu_mean", "hu_std"):  # lists from a config file -> tuples (hashable, frozen)
+            if values.get(key) is not None:
+                values[key] = tuple(float(v) for v in values[key])
+        params = cls(**values)
         params.validate()
         return params
 
@@ -108,6 +135,14 @@ class GenesisParams:
             raise ValueError(
                 f"settings key 'local_shuffle_max_fraction' must lie in (0, 1], got {self.local_shuffle_max_fraction}"
             )
+        if self.intensity not in INTENSITY_VARIANTS:
+            raise ValueError(f"settings key 'intensity' must be one of {', '.join(INTENSITY_VARIANTS)}, "
+                             f"got {self.intensity!r}")
+        low, high = self.hu_window
+        if not low < high:
+            raise ValueError(f"settings key 'hu_window' must be [low, high] with low < high, got {self.hu_window}")
+        if self.hu_std is not None and any(float(s) <= 0 for s in self.hu_std):
+            raise ValueError(f"hu_std must be positive, got {self.hu_std}")
 
 
 @dataclass
@@ -120,6 +155,63 @@ class GenesisSample:
 
 
 # --------------------------------------------------------------------------------------------- intensity range
+@dataclass(frozen=True)
+class IntensityMap:
+    """The per-channel affine map ``unit = (x - offset) / scale`` of one patch, optionally clipped to [0, 1].
+
+    Example:
+        >>> m = IntensityMap(offset=np.full((1, 1, 1, 1), -1.0), scale=np.full((1, 1, 1, 1), 2.0), clip=True)
+        >>> m.to_unit(np.array([[[[-3.0, -1.0, 0.0, 1.0, 2.0]]]])).ravel().tolist()
+        [0.0, 0.0, 0.5, 1.0, 1.0]
+        >>> m.from_unit(np.array([[[[0.0, 0.5, 1.0]]]])).ravel().tolist()
+        [-1.0, 0.0, 1.0]
+    """
+
+    offset: np.ndarray  # [C, 1, 1, 1]
+    scale: np.ndarray  # [C, 1, 1, 1], positive
+    clip: bool = False
+
+    def to_unit(self, image: np.ndarray) -> np.ndarray:
+        unit = (image - self.offset) / self.scale
+        return np.clip(unit, 0.0, 1.0) if self.clip else unit
+
+    def from_unit(self, unit: np.ndarray) -> np.ndarray:
+        return unit * self.scale + self.offset
+
+
+def intensity_map(image: np.ndarray, params: GenesisParams) -> IntensityMap:
+    """The map of ``params.intensity`` for the patch ``image [C, Z, Y, X]`` (see the module docstring).
+
+    Example:
+        >>> x = np.array([[[[-2.0, 0.0, 2.0]]]])
+        >>> intensity_map(x, GenesisParams(intensity="patch_minmax")).to_unit(x).ravel().tolist()
+        [0.0, 0.5, 1.0]
+        >>> hu = GenesisParams(intensity="hu_window", hu_mean=(0.0,), hu_std=(500.0,))  # z 2 = 1000 HU
+        >>> intensity_map(x, hu).to_unit(x).ravel().tolist()
+        [0.0, 0.5, 1.0]
+    """
+    channels = image.shape[0]
+    if params.intensity == "zscore":
+        ones = np.ones((channels, 1, 1, 1), dtype=np.float64)
+        return IntensityMap(offset=0.0 * ones, scale=ones)
+    if params.intensity == "patch_minmax":
+        _, low, scale = to_unit_range(image)
+        return IntensityMap(offset=low, scale=scale)
+    if params.intensity == "hu_window":
+        if params.hu_mean is None or params.hu_std is None:
+            raise ValueError("intensity 'hu_window' needs the corpus's CT z-score (hu_mean, hu_std): HU cannot be "
+                             "recovered from a patch without them")
+        if len(params.hu_mean) != channels or len(params.hu_std) != channels:
+            raise ValueError(f"hu_mean / hu_std give {len(params.hu_mean)} / {len(params.hu_std)} channel(s), "
+                             f"the patch has {channels}")
+        mean = np.asarray(params.hu_mean, dtype=np.float64).reshape(-1, 1, 1, 1)
+        std = np.asarray(params.hu_std, dtype=np.float64).reshape(-1, 1, 1, 1)
+        low, high = params.hu_window
+        return IntensityMap(offset=(low - mean) / std, scale=(high - low) / std, clip=True)
+    raise ValueError(f"settings key 'intensity' must be one of {', '.join(INTENSITY_VARIANTS)}, "
+                     f"got {params.intensity!r}")
+
+
 def to_unit_range(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Map each channel to [0, 1] by its min and max; returns ``(unit, low, scale)`` for the way back.
 
@@ -274,8 +366,10 @@ def _random_box(rng: np.random.Generator, spatial: Sequence[int], sizes: Sequenc
     return tuple(starts), tuple(s + n for s, n in zip(starts, sizes))  # type: ignore[return-value]
 
 
-def _box_count(rng: np.random.Generator, max_boxes: int, continue_rate: float) -> int:
-    count = 1  # the first box is always drawn
+def _box_count(rng: np.random.Generator, max_boxes: int, continue_rate: float, first_always: bool) -> int:
+    """Boxes to draw: each with probability ``continue_rate``, at most ``max_boxes``; the original draws the
+    first out-painting box always and the first in-painting box like the others."""
+    count = 1 if first_always else 0
     while count < max_boxes and rng.random() < continue_rate:
         count += 1
     return count
@@ -293,10 +387,12 @@ def in_paint(
 ) -> tuple[np.ndarray, list[Box]]:
     """Replace random boxes (edges 1/6 to 1/3 of the patch's) by uniform noise in [0, 1].
 
-    Voxels outside the returned boxes are unchanged.
+    Up to ``max_boxes`` boxes, each drawn with probability ``continue_rate`` (so possibly none, as in the
+    original). Voxels outside the returned boxes are unchanged.
 
     Example:
-        >>> out, boxes = in_paint(np.zeros((1, 24, 24, 24)), np.random.default_rng(0), max_boxes=1)
+        >>> out, boxes = in_paint(np.zeros((1, 24, 24, 24)), np.random.default_rng(0), max_boxes=1,
+        ...                       continue_rate=1.0)
         >>> (a, b), = boxes
         >>> bool((out[0, a[0]:b[0], a[1]:b[1], a[2]:b[2]] > 0).all()), float(out.sum()) > 0
         (True, True)
@@ -304,7 +400,7 @@ def in_paint(
     out = unit_image.copy()
     spatial = unit_image.shape[1:]
     boxes: list[Box] = []
-    for _ in range(_box_count(rng, max_boxes, continue_rate)):
+    for _ in range(_box_count(rng, max_boxes, continue_rate, first_always=False)):
         low, high = INPAINT_SIZE_FRACTION
         sizes = [int(rng.integers(max(1, int(low * e)), max(1, int(high * e)) + 1)) for e in spatial]
         box = _random_box(rng, spatial, sizes)
@@ -333,7 +429,7 @@ def out_paint(
     out = rng.random(unit_image.shape).astype(unit_image.dtype, copy=False)
     spatial = unit_image.shape[1:]
     boxes: list[Box] = []
-    for _ in range(_box_count(rng, max_boxes, continue_rate)):
+    for _ in range(_box_count(rng, max_boxes, continue_rate, first_always=True)):
         low, high = OUTPAINT_CUT_FRACTION
         sizes = [max(1, e - int(rng.integers(int(low * e), int(high * e) + 1))) for e in spatial]
         box = _random_box(rng, spatial, sizes)
@@ -345,7 +441,8 @@ def out_paint(
 
 # --------------------------------------------------------------------------------------------- the whole pair
 def genesis_pair(image: np.ndarray, rng: np.random.Generator, params: GenesisParams | None = None) -> GenesisSample:
-    """Corrupt one z-scored patch ``[C, Z, Y, X]`` the Models Genesis way; see the module docstring.
+    """Corrupt one z-scored patch ``[C, Z, Y, X]`` the Models Genesis way, on the intensity scale of
+    ``params.intensity``; see the module docstring.
 
     Example:
         >>> x = np.random.default_rng(0).normal(size=(1, 16, 16, 16)).astype(np.float32)
@@ -360,8 +457,11 @@ def genesis_pair(image: np.ndarray, rng: np.random.Generator, params: GenesisPar
     applied: dict[str, Any] = {}
     applied["flip_axes"] = random_flip_axes(rng, params.flip_rate, params.max_flips)
     target = flip(image, applied["flip_axes"])
-    unit, low, scale = to_unit_range(target)
-    corrupted = unit.astype(np.float32)
+    mapping = intensity_map(target, params)
+    if mapping.clip:  # hu_window: the target is the windowed patch (clipped in z units, exact inside the window),
+        # so an uncorrupted input equals it
+        target = np.clip(target, mapping.offset, mapping.offset + mapping.scale).astype(np.float32)
+    corrupted = mapping.to_unit(target).astype(np.float32)
 
     applied["local_shuffle"] = bool(rng.random() < params.local_shuffle_rate)
     if applied["local_shuffle"]:
@@ -384,5 +484,5 @@ def genesis_pair(image: np.ndarray, rng: np.random.Generator, params: GenesisPar
             applied["painting"] = "out"
             corrupted, _ = out_paint(corrupted, rng, params.paint_max_boxes, params.paint_continue_rate)
 
-    corrupted = from_unit_range(corrupted, low, scale).astype(np.float32)
+    corrupted = mapping.from_unit(corrupted).astype(np.float32)
     return GenesisSample(corrupted=corrupted, target=target, applied=applied)

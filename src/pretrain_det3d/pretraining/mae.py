@@ -4,6 +4,11 @@ The input patch is hidden in cubes of ``mask_block`` voxels (75 % of them by def
 the U-Net predicts the full image (``out_channels = in_channels``), and the loss is the MSE over the hidden
 voxels only.
 
+Augmentation is on by default, as nnssl's ``BaseMAETrainer`` trains (``MAESettings.augmentation``: rotation and
+isotropic scaling with probability 0.2 each, mirroring, no intensity transform). It is applied to the patch in
+the data pipeline, before masking; the target is that augmented patch itself, so input and target always share
+the same spatial transform. See docs/pretraining/mae.md.
+
 Example:
     >>> trainer = METHODS.get("mae")({"preset": "resenc_demo", "patch_size": [32, 32, 32], "iterations": 10},
     ...                              records, in_channels=1, out_path="ckpt.pth", seed=0)  # doctest: +SKIP
@@ -18,6 +23,7 @@ import torch
 
 from pretrain_det3d.pretraining.masking import MASK_BLOCK, MASK_RATIO, block_grid, block_mask, masked_mse
 from pretrain_det3d.pretraining.trainer import METHODS, PretrainingTrainer
+from pretrain_det3d.settings.pretraining import training_defaults as method_training_defaults
 
 
 @METHODS.register("mae")
@@ -25,6 +31,8 @@ class MAETrainer(PretrainingTrainer):
     """Settings read besides the training loop's: ``preset``, ``mask_ratio`` (0.75), ``mask_block`` (16)."""
 
     method = "mae"
+    # MAESettings' loop defaults (nnssl's augmentation among them) under the user's settings
+    training_defaults = method_training_defaults("mae")
 
     def __init__(self, settings: dict[str, Any], *args: Any, **kwargs: Any) -> None:
         self.mask_ratio = float(settings.get("mask_ratio", MASK_RATIO))

@@ -3,7 +3,12 @@
 The corruptions (flips, local pixel shuffling, a non-linear intensity curve, in-/out-painting, with the
 original rates) live in :mod:`pretrain_det3d.pretraining.genesis_transforms`. The ResEnc U-Net maps the
 corrupted patch to the original one; the loss is the MSE over all voxels (the network's output is linear,
-as the target is the z-scored patch, not [0, 1]).
+as the target is the z-scored patch, not [0, 1]; nnssl's ``ModelGenesisTrainer`` does the same).
+
+``intensity`` chooses the scale the corruptions act on: ``zscore`` (default, nnssl's: the z-scored patch as
+it is), ``patch_minmax`` (each patch mapped to [0, 1] and back), ``hu_window`` (the original's [-1000, 1000] HU
+window; the trainer recovers HU from the corpus plan's CT mean and std, :func:`corpus_ct_zscore`, and refuses
+a corpus normalised per volume). See docs/pretraining/models_genesis.md.
 
 The corruption is numpy work per sample (ten thousand shuffled boxes), so it runs in the data pipeline, in
 the loader's worker processes when ``num_workers > 0``, not in the training step: :class:`GenesisBatchStream`
@@ -21,7 +26,10 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +38,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pretrain_det3d.pretraining.genesis_transforms import GenesisParams, genesis_pair
 from pretrain_det3d.pretraining.trainer import METHODS, PretrainingTrainer
-from pretrain_det3d.training.dataloader import PatchBatchStream
+from pretrain_det3d.settings.pretraining import training_defaults as method_training_defaults
+from pretrain_det3d.training.dataloader import CaseRecord, PatchBatchStream
 
 GENESIS_SALT = 2  # keeps the corruption's generator apart from the patch sampler's and the augmenter's
 INPUT_KEY = "genesis_inputs"
@@ -53,6 +62,40 @@ def corrupt_batch(batch: dict[str, Any], seed: int, batch_index: int, params: Ge
         inputs.append(pair.corrupted)
         targets.append(pair.target)
     return {**batch, "images": torch.from_numpy(np.stack(targets)), INPUT_KEY: torch.from_numpy(np.stack(inputs))}
+
+
+def corpus_ct_zscore(records: Sequence[CaseRecord]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` per channel of the CT z-score of the corpus ``records`` come from (its ``plan.json``).
+
+    The corpus's CT scheme clips to two percentiles and computes ``z = (HU - mean) / std`` with corpus-wide
+    numbers, so ``HU = z * std + mean`` inside the clip bounds. A channel normalised per volume (MRI, ...)
+    has no such inverse: that is an error naming the channel.
+
+    Example:
+        >>> corpus_ct_zscore(records)  # doctest: +SKIP
+        ((41.7,), (385.2,))
+    """
+    from pretrain_det3d.data.preprocessing import PLAN_FILE  # the heavy preprocessing module only here
+
+    roots = sorted({Path(record.image_path).parent.parent for record in records})
+    if len(roots) != 1:
+        raise ValueError(f"intensity 'hu_window' needs the cases of one corpus, got cases from {len(roots)} folders")
+    plan_path = roots[0] / PLAN_FILE
+    if not plan_path.is_file():
+        raise FileNotFoundError(f"{plan_path}: intensity 'hu_window' needs the corpus plan (its CT mean and std "
+                                "give HU back); preprocess the corpus, or use intensity 'zscore'")
+    normalisation = json.loads(plan_path.read_text()).get("normalisation") or []
+    means, stds = [], []
+    for channel, entry in enumerate(normalisation):
+        if entry.get("scheme") != "CT":
+            raise ValueError(f"{plan_path}: channel {channel} is normalised with scheme {entry.get('scheme')!r}, "
+                             "not 'CT': HU cannot be recovered, so intensity 'hu_window' does not apply; use "
+                             "'zscore' or 'patch_minmax'")
+        means.append(float(entry["mean"]))
+        stds.append(max(float(entry["std"]), 1e-8))  # nnunetv2's CTNormalization divides by max(std, 1e-8)
+    if not means:
+        raise ValueError(f"{plan_path}: no 'normalisation' entries")
+    return tuple(means), tuple(stds)
 
 
 class GenesisBatchStream(IterableDataset):
@@ -83,15 +126,21 @@ class GenesisBatchStream(IterableDataset):
 
 @METHODS.register("models_genesis")
 class ModelsGenesisTrainer(PretrainingTrainer):
-    """Settings read besides the training loop's: ``preset`` and the fields of ``GenesisParams``
+    """Settings read besides the training loop's: ``preset`` and the keys of ``ModelsGenesisSettings``
     (``flip_rate`` 0.4, ``local_shuffle_rate`` 0.5, ``local_shuffle_blocks`` 10000, ``nonlinear_rate`` 0.9,
-    ``paint_rate`` 0.9, ``inpaint_rate`` 0.2, ...)."""
+    ``paint_rate`` 0.9, ``inpaint_rate`` 0.2, ..., ``intensity`` 'zscore')."""
 
     method = "models_genesis"
+    training_defaults = method_training_defaults("models_genesis")  # no augmentation besides the flips (nnssl)
 
-    def __init__(self, settings: dict[str, Any], *args: Any, **kwargs: Any) -> None:
-        self.genesis = GenesisParams.from_settings(dict(settings))
-        super().__init__(settings, *args, **kwargs)
+    def __init__(self, settings: dict[str, Any], records: Sequence[CaseRecord], *args: Any, **kwargs: Any) -> None:
+        genesis = GenesisParams.from_settings(dict(settings))
+        if genesis.intensity == "hu_window":
+            mean, std = corpus_ct_zscore(records)
+            genesis = dataclasses.replace(genesis, hu_mean=mean, hu_std=std)
+            genesis.validate()
+        self.genesis = genesis
+        super().__init__(settings, records, *args, **kwargs)
 
     def build_network(self) -> torch.nn.Module:
         from pretrain_det3d.models.backbone import build_resenc_unet

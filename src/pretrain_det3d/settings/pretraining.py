@@ -42,6 +42,17 @@ class MAESettings(PretrainingSettings):
 
     mask_ratio: float = Field(0.75, gt=0, lt=1, description="Share of masked blocks.")
     mask_block: int = Field(16, gt=0, description="Edge of a mask block in voxels (the paper: 16).")
+    # nnssl's BaseMAETrainer.get_training_transforms (Spark3D's trainer inherits it): one spatial transform
+    # (rotation about every axis in +-30 deg, p_rot_per_sample 0.2; isotropic scaling in (0.7, 1.4),
+    # p_scale_per_sample 0.2; no elastic deformation), then mirroring of axes (0, 1, 2); no intensity transform
+    augmentation: bool | AugmentationSettings = Field(
+        {"p_rotation": 0.2, "rotation_degrees": [-30.0, 30.0], "p_scaling": 0.2, "scaling_range": [0.7, 1.4],
+         "mirror_axes": [0, 1, 2], "p_noise": 0.0, "p_blur": 0.0, "p_brightness": 0.0, "p_contrast": 0.0,
+         "p_gamma": 0.0, "p_gamma_inverted": 0.0},
+        description="Augmentation of the pre-training patches; default nnssl's BaseMAETrainer (rotation and "
+        "scaling with p 0.2 each, mirroring, no intensity transform; source: nnssl "
+        "training/nnsslTrainer/masked_image_modeling/BaseMAETrainer.py). true: the detectors' full default; "
+        "false: none.")
 
 
 class Spark3DSettings(MAESettings):
@@ -52,7 +63,33 @@ class Spark3DSettings(MAESettings):
 
 
 class ModelsGenesisSettings(PretrainingSettings):
-    """Models Genesis restoration (``pretraining.models_genesis``)."""
+    """Models Genesis restoration (``pretraining.models_genesis``); the rates are the original's
+    (MrGiovanni/ModelsGenesis pytorch/config.py, pytorch/utils.py; nnssl's model_genesis_transform.py copies
+    them), ``intensity`` the scale the corruptions act on; details in docs/pretraining/models_genesis.md."""
+
+    flip_rate: float = Field(0.4, ge=0, le=1, description="Probability of each further flip (input and target).")
+    max_flips: int = Field(3, ge=0, description="At most this many flips per sample.")
+    local_shuffle_rate: float = Field(0.5, ge=0, le=1, description="Probability of local pixel shuffling.")
+    local_shuffle_blocks: int = Field(10_000, ge=0, description="Boxes shuffled per local pixel shuffling.")
+    local_shuffle_max_fraction: float = Field(0.1, gt=0, le=1, description="Largest shuffled box edge as a "
+                                              "fraction of the patch edge.")
+    nonlinear_rate: float = Field(0.9, ge=0, le=1, description="Probability of the Bezier intensity curve.")
+    invert_rate: float = Field(0.5, ge=0, le=1, description="Share of the curves that are decreasing (inverting).")
+    bezier_samples: int = Field(1_000, ge=2, description="Points of the curve's interpolation table (the "
+                                "original: 100000; 1000 interpolate a cubic to < 1e-5).")
+    paint_rate: float = Field(0.9, ge=0, le=1, description="Probability of in- or out-painting.")
+    inpaint_rate: float = Field(0.2, ge=0, le=1, description="Share of the paintings that are in-paintings.")
+    paint_max_boxes: int = Field(5, ge=1, description="At most this many painted (in) or kept (out) boxes.")
+    paint_continue_rate: float = Field(0.95, ge=0, le=1, description="Probability of drawing each box "
+                                       "after the first (in-painting: also the first one, as the original).")
+    intensity: str = Field(
+        "zscore", pattern="^(zscore|patch_minmax|hu_window)$",
+        description="Scale the corruptions act on: 'zscore' (nnssl: the z-scored patch as it is), "
+        "'patch_minmax' (each patch channel mapped to [0, 1] by its min and max, and back), 'hu_window' (the "
+        "original: HU clipped to hu_window and scaled to [0, 1]; CT corpora only, HU recovered from the "
+        "corpus plan's CT mean and std).")
+    hu_window: tuple[float, float] = Field((-1000.0, 1000.0), description="intensity 'hu_window': the HU "
+                                           "range mapped to [0, 1] (the original's hu_min, hu_max).")
 
 
 class VoCoSettings(PretrainingSettings):
