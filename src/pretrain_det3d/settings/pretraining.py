@@ -93,14 +93,24 @@ class ModelsGenesisSettings(PretrainingSettings):
 
 
 class VoCoSettings(PretrainingSettings):
-    """Volume contrast (``pretraining.voco``); ``patch_size`` is the region split into base crops."""
+    """Volume contrast (``pretraining.voco``) as nnssl's VoCoTrainer; sources, differences: docs/pretraining/voco.md."""
 
-    base_grid: Triple = Field((2, 2, 2), description="Base crops per axis [z, y, x] (one number: all axes).")
-    num_target_crops: int = Field(4, gt=0, description="Random target crops per region.")
-    projection_hidden: int = Field(512, gt=0, description="Hidden width of the projector (thrown away after).")
-    projection_dim: int = Field(256, gt=0, description="Output width of the projector.")
-    prediction_weight: float = Field(1.0, ge=0, description="Weight of the overlap-prediction loss.")
-    regularisation_weight: float = Field(1.0, ge=0, description="Weight of the base-crop regulariser.")
+    patch_size: Triple = Field((64, 256, 256), description="The region [z, y, x] cut into base crops (nnssl's "
+                               "VoCoTrainer: 256x256x64, in-plane 256).")
+    batch_size: int = Field(2, gt=0, description="Regions per step (nnssl's AbstractTrainer total_batch_size).")
+    grad_clip: float | None = Field(None, gt=0, description="Gradient-norm clipping; null: off (nnssl's "
+                                    "VoCoTrainer does not clip).")
+    base_grid: Triple = Field((1, 4, 4), description="Base crops per axis [z, y, x] (one number: all axes); "
+                              "nnssl's VoCoTrainer: 4x4 in-plane, 1 along z; [2, 2, 2]: a 3-D grid.")
+    num_target_crops: int = Field(4, gt=0, description="Random target crops per region (nnssl: 4).")
+    projection_hidden: int = Field(2048, gt=0, description="Width of the projector's two hidden layers (nnssl: "
+                                   "2048; thrown away after pre-training).")
+    projection_dim: int = Field(2048, gt=0, description="Output width of the projector (nnssl: 2048).")
+    prediction_weight: float = Field(1.0, ge=0, description="Weight of the overlap-prediction loss (nnssl: 1).")
+    regularisation_weight: float = Field(1.0, ge=0, description="Weight of the base-crop regulariser (nnssl: 1).")
+    crop_augmentation: bool = Field(True, description="Augment every base and target crop on its own (nnssl's "
+                                    "VocoTransform aug='train': noise, blur, brightness, contrast, low resolution, "
+                                    "gamma, mirroring, in-plane rot90).")
 
 
 class LabelledDatasetEntry(BaseModel):
