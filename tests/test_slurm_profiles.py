@@ -22,6 +22,8 @@ import yaml
 from conftest import REPO
 
 PAPER = REPO / "config" / "paper.yaml"
+# the overlay that re-runs the pre-trainings: paper.yaml alone schedules no pretrain / preprocess_corpus job
+PAPER_PRETRAIN = REPO / "config" / "paper_pretrain.yaml"
 SLURM = REPO / "profiles" / "slurm"
 SLURM_CPU = REPO / "profiles" / "slurm-cpu"
 HEAVY_RULES = ("preprocess_dataset", "preprocess_corpus", "pretrain", "finetune", "predict")
@@ -53,7 +55,7 @@ def dry_run_on_two_cores(workdir, *profiles):
     assert shutil.which("taskset"), "taskset (util-linux) is needed to pin the dry run to two CPUs"
     cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))[:2]))
     command = ["taskset", "-c", cpus, sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
-               "--directory", str(workdir), "--configfile", str(PAPER), "-n"]
+               "--directory", str(workdir), "--configfile", str(PAPER), str(PAPER_PRETRAIN), "-n"]
     command += [arg for profile in profiles for arg in ("--profile", str(profile))]
     env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
@@ -74,7 +76,8 @@ def dry_runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def paper_resources():
-    return yaml.safe_load(PAPER.read_text())["resources"]
+    resources = yaml.safe_load(PAPER.read_text())["resources"]
+    return {**resources, **yaml.safe_load(PAPER_PRETRAIN.read_text())["resources"]}
 
 
 def expected(resources: dict, rule: str, key: str):
