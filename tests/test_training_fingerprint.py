@@ -71,12 +71,12 @@ def dataset(tmp_path_factory) -> Path:
     return root
 
 
-def _trainer(root: Path, out_dir: Path, cases=CASES, init_checkpoint=None, width: int = 4,
+def _trainer(root: Path, out_dir: Path, cases=CASES, init_checkpoint=None, width: int = 4, extra=None,
              **overrides) -> DetectorTrainer:
     seed_everything(0)
     settings = TrainingSettings.from_settings({**SETTINGS, **overrides})
     return DetectorTrainer(TinyDetector(width), "tiny", settings, load_case_records(root, cases), out_dir, seed=0,
-                           build_kwargs={"width": 4}, init_checkpoint=init_checkpoint)
+                           build_kwargs={"width": 4}, init_checkpoint=init_checkpoint, extra=extra)
 
 
 def _paused(root: Path, out_dir: Path, **overrides) -> Path:
@@ -135,6 +135,16 @@ def test_replaced_init_checkpoint_file_is_refused(dataset, tmp_path, monkeypatch
     message = _refused(_trainer(dataset, out, init_checkpoint=init))
     old, new = hashlib.sha256(b"v1").hexdigest(), hashlib.sha256(b"v2").hexdigest()
     assert f"init_checkpoint_sha256: '{old}' -> '{new}'" in message
+
+
+def test_other_stem_of_the_same_checkpoint_is_refused(dataset, tmp_path, monkeypatch):
+    # a multi-stem (MultiTalent) checkpoint: same file, same sha256, another stem loaded into the encoder
+    monkeypatch.delenv(STALE_CHECKPOINT_ENV, raising=False)
+    out, init = tmp_path / "run", tmp_path / "multitalent.pth"
+    init.write_bytes(b"several stems")
+    _paused(dataset, out, init_checkpoint=init, extra={"init_stem": "encoder.stem.351_0"})
+    message = _refused(_trainer(dataset, out, init_checkpoint=init, extra={"init_stem": "encoder.stem.004"}))
+    assert "model.init_stem: 'encoder.stem.351_0' -> 'encoder.stem.004'" in message
 
 
 def test_changed_training_cases_are_refused(dataset, tmp_path, monkeypatch):

@@ -1013,7 +1013,11 @@ class DetectorTrainer(IterationTrainer):
 
     def fingerprint_model(self) -> dict[str, Any]:
         build_kwargs = self.build_kwargs if self.build_kwargs is not None else getattr(self.model, "build_kwargs", None)
-        return {"detector": self.detector, "build_kwargs": build_kwargs}
+        model = {"detector": self.detector, "build_kwargs": build_kwargs}
+        if self.extra.get("init_stem") is not None:
+            # which stem of a multi-stem checkpoint was loaded: the file's sha256 alone does not say
+            model["init_stem"] = self.extra["init_stem"]
+        return model
 
     def init_checkpoint_sha256(self) -> str | None:
         from pretrain_det3d.data.download import file_digest  # reads in chunks: checkpoints can be GBs
