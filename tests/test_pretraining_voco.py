@@ -64,42 +64,32 @@ def test_base_crops_tile_the_region_in_c_order():
     assert starts.tolist() == [[0, y, x] for y in (0, 64, 128, 192) for x in (0, 64, 128, 192)]
 
 
+IN_PLANE_GRID, IN_PLANE_CROP = (1, 4, 4), (4, 4, 4)  # region [4, 16, 16]; base index = 4 * row (y) + column (x)
+
+
 @pytest.mark.parametrize(
-    "target, expected",
+    "grid, crop, target, expected",
     [
-        # shifted by half a crop along z: half of base (0,0,0) and half of base (1,0,0)
-        ((8, 0, 0), {0: 0.5, 4: 0.5}),
+        # 3-D grid: shifted by half a crop along z: half of base (0,0,0) and half of base (1,0,0)
+        (GRID, CROP, (8, 0, 0), {0: 0.5, 4: 0.5}),
         # exactly on base (0,0,1)
-        ((0, 0, 16), {1: 1.0}),
+        (GRID, CROP, (0, 0, 16), {1: 1.0}),
         # the centre of the region: an eighth of every base crop
-        ((8, 8, 8), {i: 0.125 for i in range(8)}),
+        (GRID, CROP, (8, 8, 8), {i: 0.125 for i in range(8)}),
         # a quarter crop along z, half along y: (12/16 or 4/16) * (8/16) of the four bases with gx = 0
-        ((4, 8, 0), {0: 0.375, 2: 0.375, 4: 0.125, 6: 0.125}),
-    ],
-)
-def test_overlap_proportions_hand_worked_3d_grid(target, expected):
-    labels = overlap_proportions(torch.tensor([target]), base_crop_starts(GRID, CROP), CROP)[0]
-    wanted = torch.zeros(8)
-    for index, value in expected.items():
-        wanted[index] = value
-    assert torch.allclose(labels, wanted)
-
-
-@pytest.mark.parametrize(
-    "target, expected",
-    [
-        # region [4, 16, 16], grid [1, 4, 4], crops 4^3; base index = 4 * row (y) + column (x)
-        # y from 2: 2 voxels in row 0 and 2 in row 1; x from 6: 2 in column 1 and 2 in column 2 -> 4 x (1/2 * 1/2)
-        ((0, 2, 6), {1: 0.25, 2: 0.25, 5: 0.25, 6: 0.25}),
+        (GRID, CROP, (4, 8, 0), {0: 0.375, 2: 0.375, 4: 0.125, 6: 0.125}),
+        # in-plane grid: y from 2: 2 voxels in row 0 and 2 in row 1; x from 6: 2 in column 1 and 2 in column 2
+        # -> 4 x (1/2 * 1/2)
+        (IN_PLANE_GRID, IN_PLANE_CROP, (0, 2, 6), {1: 0.25, 2: 0.25, 5: 0.25, 6: 0.25}),
         # exactly on row 1, column 3
-        ((0, 4, 12), {7: 1.0}),
+        (IN_PLANE_GRID, IN_PLANE_CROP, (0, 4, 12), {7: 1.0}),
         # y from 1: 3/4 in row 0, 1/4 in row 1; x on column 0
-        ((0, 1, 0), {0: 0.75, 4: 0.25}),
+        (IN_PLANE_GRID, IN_PLANE_CROP, (0, 1, 0), {0: 0.75, 4: 0.25}),
     ],
 )
-def test_overlap_proportions_hand_worked_in_plane_grid(target, expected):
-    labels = overlap_proportions(torch.tensor([target]), base_crop_starts((1, 4, 4), (4, 4, 4)), (4, 4, 4))[0]
-    wanted = torch.zeros(16)
+def test_overlap_proportions_hand_worked(grid, crop, target, expected):
+    labels = overlap_proportions(torch.tensor([target]), base_crop_starts(grid, crop), crop)[0]
+    wanted = torch.zeros(int(np.prod(grid)))
     for index, value in expected.items():
         wanted[index] = value
     assert torch.allclose(labels, wanted)
