@@ -72,10 +72,10 @@ def test_command_line_values_are_coerced_by_the_schema(tmp_path, snakemake_runne
 def test_validation_keeps_only_what_the_user_set():
     """Defaults stay implicit, so the rules' params (Snakemake's rerun trigger) change only with the config."""
     config = demo()
+    config["pretraining"]["methods"]["voco"].update(base_grid=2, patch_size=[48, 48, 48])
     before = copy.deepcopy(config)
     validate_study_config(config)
     # values are normalised to their declared type (one number -> [z, y, x]); nothing is added or dropped
-    assert before["pretraining"]["methods"]["voco"]["base_grid"] == 2
     before["pretraining"]["methods"]["voco"]["base_grid"] = [2, 2, 2]
     assert config == before
 
@@ -110,6 +110,17 @@ def test_warmup_longer_than_the_run_is_refused():
     with pytest.raises(ConfigError, match=r"'detectors\.retina_unet'.*warmup_iterations must lie in \[0, "
                                           r"iterations=10\), got 25"):
         validate_study_config(config)
+
+
+def test_a_corpus_is_needed_only_by_self_supervised_initialisations():
+    config = demo()
+    del config["pretraining"]["corpus"]
+    with pytest.raises(ConfigError, match=r"^config key 'pretraining\.corpus': missing; the self-supervised "
+                                          r"initialisations \['mae', 'models_genesis', 'spark3d', 'voco'\]"):
+        validate_study_config(copy.deepcopy(config))
+    # scratch, a published checkpoint and the supervised multitalent read no corpus
+    config["study"]["initialisations"] = ["scratch", "multitalent"]
+    validate_study_config(config)
 
 
 @pytest.mark.parametrize("key, allowed, expected", [

@@ -38,8 +38,9 @@ except ConfigError as error:
 
 STUDY = config["study"]
 DATA = config.get("data_dir", "results/data")
-CORPUS = config["pretraining"]["corpus"]["name"]
-CORPUS_ENTRY = config["pretraining"]["corpus"]
+# no corpus: a study whose initialisations are scratch, published checkpoints or supervised methods only
+CORPUS_ENTRY = config["pretraining"].get("corpus") or {}
+CORPUS = CORPUS_ENTRY.get("name")
 CORPUS_SHARDS = int(CORPUS_ENTRY.get("shards", 1))
 CONDA_ENV = "../../envs/pretrain_det3d.yaml"
 SCRATCH = "scratch"
@@ -140,7 +141,7 @@ def corpus_shards(wildcards):
     return [f"{DATA}/corpus_shards/{wildcards.corpus}/shard{i}" for i in range(CORPUS_SHARDS)]
 
 
-if CORPUS_ENTRY["source"] == "datasets":
+if CORPUS_ENTRY.get("source") == "datasets":
     _unknown = sorted(set(CORPUS_ENTRY["datasets"]) - set(config["datasets"]))
     if _unknown:
         raise WorkflowError(f"invalid configuration:\nconfig key 'pretraining.corpus.datasets': {_unknown} are not "

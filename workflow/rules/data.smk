@@ -118,8 +118,8 @@ rule synthesize_corpus:
     output:
         directory(f"{DATA}/corpus/{{corpus}}"),
     params:
-        settings=lambda w: as_json(config["pretraining"]["corpus"].get("synthetic", {})),
-        seed=config["pretraining"]["corpus"].get("seed", config["seed"] + 1000),
+        settings=lambda w: as_json(CORPUS_ENTRY.get("synthetic", {})),
+        seed=CORPUS_ENTRY.get("seed", config["seed"] + 1000),
     log:
         "results/logs/synthesize_corpus/{corpus}.log",
     benchmark:
@@ -163,7 +163,7 @@ rule plan_corpus:
     output:
         f"{DATA}/corpus_index/{{corpus}}/plan.json",
     params:
-        settings=as_json(config["pretraining"]["corpus"].get("preprocessing", {})),
+        settings=as_json(CORPUS_ENTRY.get("preprocessing", {})),
     log:
         "results/logs/plan_corpus/{corpus}.log",
     benchmark:
@@ -187,7 +187,7 @@ rule preprocess_corpus:
     params:
         num_shards=CORPUS_SHARDS,
         # worker processes: preprocessing.num_workers, else one per thread of the job
-        num_workers=config["pretraining"]["corpus"].get("preprocessing", {}).get("num_workers")
+        num_workers=CORPUS_ENTRY.get("preprocessing", {}).get("num_workers")
         or rule_threads("preprocess_corpus"),
     log:
         "results/logs/preprocess_corpus/{corpus}_shard{shard}.log",
@@ -213,7 +213,7 @@ rule gather_corpus:
         failures=f"{DATA}/preprocessed_corpus/{{corpus}}/failures.json",
     params:
         out=lambda w, output: str(Path(output.plan).parent),
-        max_failure_fraction=config["pretraining"]["corpus"].get("max_failure_fraction", 0.05),
+        max_failure_fraction=CORPUS_ENTRY.get("max_failure_fraction", 0.05),
     log:
         "results/logs/gather_corpus/{corpus}.log",
     benchmark:

@@ -11,7 +11,7 @@ Example:
     ...        "datasets": {"d": {"source": "synthetic", "synthetic": {"num_cases": 4, "shape": [16, 16, 16],
     ...                     "spacing": [1, 1, 1]}}},
     ...        "detectors": {"retina_unet": {"patch_size": [16, 16, 16], "iterations": "500"}},
-    ...        "pretraining": {"corpus": {"name": "c", "source": "synthetic"}, "methods": {}}}
+    ...        "pretraining": {"methods": {}}}
     >>> validate_study_config(cfg)
     >>> cfg["seed"], cfg["study"]["folds"], cfg["detectors"]["retina_unet"]["iterations"]
     (0, [0], 500)
@@ -186,7 +186,8 @@ class PublishedCheckpointEntry(Settings):
 class PretrainingSection(Settings):
     """Pre-training: the corpus, the methods to run and published checkpoints."""
 
-    corpus: CorpusEntry = Field(description="The unlabelled corpus of the self-supervised methods.")
+    corpus: CorpusEntry | None = Field(None, description="The unlabelled corpus of the self-supervised methods "
+                                       "(needed when one of them is an initialisation of the study).")
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Initialisation name -> method "
                                                "settings (see the method sections below).")
     published: dict[str, PublishedCheckpointEntry] | None = Field(None, description="Initialisation name -> a "
@@ -237,6 +238,18 @@ def _validated_entries(entries: Mapping[str, Any], where: str, name_key: str, lo
     return checked
 
 
+def _check_corpus(top: StudyConfig) -> None:
+    used = set(top.study.initialisations)
+    for entry in top.detectors.values():
+        used.update((entry or {}).get("initialisations") or [])
+    # a method with labelled 'datasets' (multitalent) is supervised and reads no corpus
+    unlabelled = sorted(name for name, entry in top.pretraining.methods.items()
+                        if name in used and not (entry or {}).get("datasets"))
+    if unlabelled and top.pretraining.corpus is None:
+        raise ConfigError(f"config key 'pretraining.corpus': missing; the self-supervised initialisations "
+                          f"{unlabelled} pre-train on it (docs/datasets.md, section \"Pre-training corpora\")")
+
+
 def validate_study_config(config: dict[str, Any]) -> None:
     """Check ``config`` against the settings classes and write the validated values back, in place.
 
@@ -245,6 +258,7 @@ def validate_study_config(config: dict[str, Any]) -> None:
     declared types. Every problem raises :class:`ConfigError` naming the config key.
     """
     top = StudyConfig.parse(config, where="")
+    _check_corpus(top)
     for rule in config.get("resources") or {}:
         if rule not in RESOURCE_RULES:
             raise ConfigError(f"config key 'resources.{rule}': unknown rule;{suggestion(rule, list(RESOURCE_RULES))} "
