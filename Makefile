@@ -92,7 +92,7 @@ test-fast: install
 
 ## Re-draw the DAG picture of the README from the paper's study (needs graphviz's `dot`).
 dag: install
-	$(RUN) snakemake --configfile config/paper.yaml --rulegraph > docs/rulegraph.dot.tmp
+	$(RUN) snakemake --configfile config/paper.yaml config/paper_pretrain.yaml --rulegraph > docs/rulegraph.dot.tmp
 	dot -Tpng -Gdpi=110 docs/rulegraph.dot.tmp > docs/rulegraph.png.tmp
 	mv docs/rulegraph.png.tmp docs/rulegraph.png
 	rm -f docs/rulegraph.dot.tmp
