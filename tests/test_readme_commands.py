@@ -41,7 +41,7 @@ WORKFLOW_FILES = ["Snakefile", "workflow", "config", "profiles", "envs"]
 
 # Commands the README shows that a dry run cannot check, with the reason.
 NOT_DRY_RUN = {
-    "snakemake --configfile config/paper.yaml --rulegraph": "prints the rule graph (`make dag` draws it); it "
+    "snakemake --configfile config/paper.yaml config/paper_pretrain.yaml --rulegraph": "prints the rule graph (`make dag` draws it); it "
     "schedules no job, so there is no count to compare",
     "snakemake --report results/report.html": "builds the HTML report from finished results; a dry run schedules "
     "no job and the report of an empty or faked results/ folder checks nothing",
