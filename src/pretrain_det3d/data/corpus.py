@@ -52,6 +52,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from pretrain_det3d.data.download import file_digest
 from pretrain_det3d.data.errors import DatasetFormatError
 from pretrain_det3d.data.io import geometry_of, read_image
 from pretrain_det3d.settings.data import CorpusEntry, CorpusPreprocessingSettings, CtRateSettings
@@ -66,7 +67,6 @@ FAILURES_FILE = "failures.json"
 CASES_DIR = "cases"
 INDEX_CACHE_FILE = ".index_cache.json"
 CORPUS_PLAN_VERSION = 1
-HASH_CHUNK_BYTES = 8 * 1024 * 1024
 #: file name endings of the single-file formats SimpleITK reads (the longest ending is tried first)
 VOLUME_SUFFIXES: dict[str, str] = {
     ".nii.gz": "nifti", ".nii": "nifti", ".mha": "metaimage", ".mhd": "metaimage", ".nrrd": "nrrd", ".nhdr": "nrrd",
@@ -289,21 +289,12 @@ def _hf_volumes(snapshot: Path, selected: Sequence[str]) -> list[dict[str, Any]]
 
 
 # ---- index -------------------------------------------------------------------------------------------------
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in chunks (hashlib releases the GIL, so threads hash in parallel)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(HASH_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _file_record(path: str, cache: Mapping[str, Any]) -> dict[str, Any]:
     stat = os.stat(path)
     known = cache.get(path)
     if known and known["size"] == stat.st_size and known["mtime_ns"] == stat.st_mtime_ns:
         return dict(known)
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path)}
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_digest(path)}
 
 
 def _volume_digest(file_digests: Sequence[str]) -> str:
@@ -546,7 +537,7 @@ def plan_corpus(manifest_path: str | os.PathLike, out_path: str | os.PathLike,
         "version": CORPUS_PLAN_VERSION,
         "corpus": manifest["corpus"],
         "source": manifest["source"],
-        "manifest_sha256": file_sha256(manifest_path),
+        "manifest_sha256": file_digest(manifest_path),
         "target_spacing": _target_spacing(options.target_spacing, spacings),
         "original_median_spacing": [float(s) for s in median_spacing(spacings)],
         "modalities": [options.modality],
@@ -605,7 +596,7 @@ def preprocess_corpus_shard(plan_path: str | os.PathLike, out_dir: str | os.Path
 
     plan_path, out_dir = Path(plan_path), Path(out_dir)
     plan = json.loads(plan_path.read_text())
-    key = {"plan_sha256": file_sha256(plan_path), "shard": int(shard), "num_shards": int(num_shards)}
+    key = {"plan_sha256": file_digest(plan_path), "shard": int(shard), "num_shards": int(num_shards)}
     work = out_dir.parent / f".{out_dir.name}.partial"
     key_file = work / "key.json"
     if work.exists() and (not key_file.is_file() or json.loads(key_file.read_text()) != key):
@@ -657,7 +648,7 @@ def gather_corpus(plan_path: str | os.PathLike, shard_dirs: Iterable[str | os.Pa
     """
     plan_path, out_root = Path(plan_path), Path(out_root)
     plan = json.loads(plan_path.read_text())
-    plan_sha = file_sha256(plan_path)
+    plan_sha = file_digest(plan_path)
     shards = [(Path(d), json.loads((Path(d) / SHARD_FILE).read_text())) for d in shard_dirs]
     shapes: dict[str, list[int]] = {}
     failures = list(plan.get("failures", []))
