@@ -60,7 +60,10 @@ class QualitySettings:
 
     config: str = "config/config.yaml"  # the study config whose detector recipes (and backbone) are benchmarked
     detectors: tuple[str, ...] = OUR_DETECTORS + (PEER,)
-    iterations: int = 900  # 1200 took 34.7 min on 2 cores (26 of them MONAI's ResNet-50); 900: ~27 min (estimated)
+    # MONAI's ResNet-50 step costs 1.3-3.0 s on 2 cores (the machine's speed varies 2x between sessions), ours
+    # 0.09-0.36 s: 320 iterations keep the whole run under 30 min on the slower machine (measured: README).
+    # 1200 iterations took 34.7 min on the faster one.
+    iterations: int = 320
     eval_points: int = 4  # learning-curve points (evenly spaced; the last one is the end of training)
     threads: int = 2  # torch threads of every detector's training and inference
     seed: int = 0
