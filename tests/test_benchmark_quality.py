@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from pretrain_det3d.benchmark.quality import (
-    AP_KEY, CURVE_FILE, FROC_KEY, MAP_KEY, PEER, RANDOM, RECORD_FILE, QualitySettings, eval_iterations,
+    AP_KEY, CURVE_FILE, FROC_KEY, MAP_KEY, PEER, RANDOM, RECORD_FILE, QualitySettings, detector_recipe, eval_iterations,
     format_quality_table, metrics_with_intervals,
 )
 from pretrain_det3d.cli import main
@@ -94,3 +95,18 @@ def test_tiny_benchmark_run_writes_the_record_table_and_curve(tmp_path, capsys):
     # the last curve point is the final evaluation
     assert record["detectors"]["retina_unet"]["curve"][-1][AP_KEY] == pytest.approx(
         record["detectors"]["retina_unet"]["final"][AP_KEY]["estimate"])
+
+
+def test_recipe_overrides_reach_our_recipe_and_are_validated():
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    assert config["detectors"]["retina_unet"]["head_strides"] == [4, 8]  # the demo's CPU-budget levels
+    default = QualitySettings.from_mapping({})
+    assert detector_recipe(config, "retina_unet", default)["head_strides"] is None  # the release's rule
+    assert detector_recipe(config, PEER, default).get("head_strides") is None
+    kept = QualitySettings.from_mapping({"recipe_overrides": {}})
+    assert detector_recipe(config, "retina_unet", kept)["head_strides"] == [4, 8]
+    with pytest.raises(ValueError, match="unknown detector entries \\['yolo'\\]"):
+        QualitySettings.from_mapping({"recipe_overrides": {"yolo": {}}})
+    typo = QualitySettings.from_mapping({"recipe_overrides": {"retina_unet": {"head_stride": [2, 4]}}})
+    with pytest.raises(Exception, match="head_stride"):
+        detector_recipe(config, "retina_unet", typo)
