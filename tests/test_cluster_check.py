@@ -79,6 +79,42 @@ def test_sbatch_errors_become_one_line_with_their_fix():
     assert "slurm_partition" in partition
 
 
+ACCOUNT_WARNING = "Unable to guess SLURM account. Trying to proceed without.\n"
+
+
+def test_the_account_warning_is_an_error_only_when_snakemake_ended_without_a_job():
+    # the plugin warns before it calls sbatch; on this site sbatch then submits the job (the CI failure of
+    # 2026-12-02: the check read the output between the two lines and reported the warning as the error)
+    before_sbatch = "Building DAG of jobs...\n" + ACCOUNT_WARNING
+    assert cc.submission_error(before_sbatch) is None
+    assert cc.submission_error(before_sbatch + SUBMITTED.split("\n", 1)[1]) is None
+    ended = cc.submission_error(before_sbatch, snakemake_ended=True)
+    assert ended.startswith("sbatch: Unable to guess SLURM account") and "slurm_account" in ended
+    # a real sbatch error wins over the warning, with its own hint
+    partition = cc.submission_error(ACCOUNT_WARNING + PARTITION_FAILURE, snakemake_ended=True)
+    assert partition.startswith("sbatch: invalid partition specified: nope") and "slurm_partition" in partition
+
+
+def test_the_watch_waits_past_the_account_warning_for_the_job_id(tmp_path):
+    # a stand-in for Snakemake that prints the warning, pauses as sbatch does, then reports the submission
+    script = (f"import sys, time\nsys.stdout.write({ACCOUNT_WARNING!r}); sys.stdout.flush(); time.sleep(1.5)\n"
+              f"sys.stdout.write({SUBMITTED!r}); sys.stdout.flush()\n")
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    reader = cc._Reader(process.stdout)
+    reader.start()
+    started = time.monotonic()
+    obs = cc.Observation(profiles=[], timeout=30)
+    try:
+        cc._watch(obs, process, reader, tmp_path, lambda: time.monotonic() - started, 30, 0.0, lambda text: None)
+    finally:
+        process.kill()
+        process.wait()
+    assert obs.submit_error is None
+    assert obs.job_id == "119"
+    assert cc.report(obs)[0].name == "submit" and cc.report(obs)[0].verdict != "FAIL"
+
+
 def test_accounting_and_the_status_command_the_plugin_uses(monkeypatch):
     monkeypatch.setattr(cc.shutil, "which", lambda name: f"/usr/bin/{name}")
     assert cc.sacct_accounting(completed(1, stderr="Slurm accounting storage is disabled\n")) == \

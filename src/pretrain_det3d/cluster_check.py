@@ -267,13 +267,21 @@ _SBATCH_HINTS = (
 )
 
 
-def submission_error(output: str) -> str | None:
-    """The sbatch error in Snakemake's output, with what fixes it, or None."""
+ACCOUNT_WARNING = r"Unable to guess SLURM account[^\n]*"
+
+
+def submission_error(output: str, snakemake_ended: bool = False) -> str | None:
+    """The sbatch error in Snakemake's output, with what fixes it, or None.
+
+    The SLURM plugin's "Unable to guess SLURM account. Trying to proceed without." is a warning printed before it
+    calls sbatch, which then often succeeds; it counts as the error only once Snakemake has ended without a job.
+    """
     lines = [line.strip() for line in output.splitlines()]
     errors = [line for line in lines if re.search(r"sbatch: error:", line)]
     if not errors:
         found = re.search(r"SLURM sbatch failed\. The error message was ([^\n]*)", output) or \
-            re.search(r"(Unable to guess SLURM account[^\n]*|Error submitting jobscript[^\n]*)", output)
+            re.search(r"(Error submitting jobscript[^\n]*)", output) or \
+            (re.search(f"({ACCOUNT_WARNING})", output) if snakemake_ended else None)
         if not found:
             return None
         errors = [found.group(1).strip()]
@@ -603,7 +611,7 @@ def _watch(obs: Observation, process: subprocess.Popen, reader: _Reader, folder:
                 obs.requested = requested_resources(output)
                 echo(f"cluster-check: submitted job {obs.job_id}")
         if obs.job_id is None:
-            error = submission_error(output)
+            error = submission_error(output, snakemake_ended=returned is not None)
             if error or returned is not None:
                 obs.submit_error = error
                 tail = [line for line in output.strip().splitlines() if line.strip()][-3:]
