@@ -103,8 +103,12 @@ def test_recipe_overrides_reach_our_recipe_and_are_validated():
     default = QualitySettings.from_mapping({})
     assert detector_recipe(config, "retina_unet", default)["head_strides"] is None  # the release's rule
     assert detector_recipe(config, PEER, default).get("head_strides") is None
+    # the DETR: the release's learning rate, not the demo's short-schedule 1e-3
+    assert config["detectors"]["deformable_detr"]["lr"] == pytest.approx(1e-3)
+    assert detector_recipe(config, "deformable_detr", default)["lr"] == pytest.approx(3e-4)
     kept = QualitySettings.from_mapping({"recipe_overrides": {}})
     assert detector_recipe(config, "retina_unet", kept)["head_strides"] == [4, 8]
+    assert detector_recipe(config, "deformable_detr", kept)["lr"] == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="unknown detector entries \\['yolo'\\]"):
         QualitySettings.from_mapping({"recipe_overrides": {"yolo": {}}})
     typo = QualitySettings.from_mapping({"recipe_overrides": {"retina_unet": {"head_stride": [2, 4]}}})
