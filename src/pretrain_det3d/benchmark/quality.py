@@ -40,6 +40,7 @@ import yaml
 
 from pretrain_det3d.evaluation.chance import REPORTED_METRICS, random_boxes
 from pretrain_det3d.evaluation.run import CaseBoxes, evaluate_cases
+from pretrain_det3d.settings.detectors import DeformableDETRSettings
 from pretrain_det3d.training.trainer import DetectorTrainer, TrainingSettings, seed_everything
 from pretrain_det3d.utils.atomic import atomic_path, write_json
 
@@ -52,13 +53,6 @@ AP_KEY, MAP_KEY, FROC_KEY = REPORTED_METRICS  # the chance level's metrics, in i
 RECORD_FILE = "quality.json"
 CURVE_FILE = "learning_curve.png"
 DATASET_NAME = "quality"
-
-
-def _release_default(detector: str, key: str) -> Any:
-    """The declared default (the release's value) of a detector setting."""
-    from pretrain_det3d.settings.detectors import detector_settings_class
-
-    return detector_settings_class(detector).default(key)
 
 
 @dataclass
@@ -75,7 +69,7 @@ class QualitySettings:
     # (3e-4) where the demo's 500-step schedule uses 1e-3 (README "Detection quality against a peer" has both).
     recipe_overrides: dict[str, dict[str, Any]] = field(default_factory=lambda: {
         "retina_unet": {"head_strides": None},
-        "deformable_detr": {"lr": _release_default("deformable_detr", "lr")},
+        "deformable_detr": {"lr": DeformableDETRSettings.default("lr")},
     })
     detectors: tuple[str, ...] = OUR_DETECTORS + (PEER,)
     # MONAI's ResNet-50 step costs 1.3-3.0 s on 2 cores (the machine's speed varies 2x between sessions), ours
